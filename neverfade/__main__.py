@@ -1,0 +1,5 @@
+import sys
+
+from neverfade.cli import main
+
+sys.exit(main())
