@@ -1,0 +1,89 @@
+"""Attaching methods to a model: the engine that the registered attention function consults.
+
+`Engine.attach` switches the language model to the `neverfade` attention implementation, points its attention
+modules at the engine, and adds a forward pre-hook that starts a batch at each prefill (it reads which prompt
+positions are image tokens from `input_ids`) and counts decode steps. Nothing in the model is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from neverfade.engine import attention
+from neverfade.engine.batch import Batch
+from neverfade.methods.base import Method
+from neverfade.models.families import ModelInfo, model_info, text_attention_modules
+
+
+class Engine:
+    def __init__(self, model, methods: list[Method]):
+        self.model = model
+        self.info: ModelInfo = model_info(model)
+        self.methods = list(methods)
+        for m in self.methods:
+            m.bind(self.info)
+        n = self.info.num_layers
+        self.decode_layers = [[m for m in self.methods if layer in m.decode_layers(n)] for layer in range(n)]
+        self.prefill_layers = [[m for m in self.methods if layer in m.prefill_layers(n)] for layer in range(n)]
+        self.batch: Batch | None = None
+        self._hook = None
+        self._previous_impl = None
+
+    # ---- attaching ----
+    def attach(self) -> "Engine":
+        attention.register()
+        text_config = self.model.config.get_text_config()
+        self._previous_impl = text_config._attn_implementation
+        for module in text_attention_modules(self.model):
+            if getattr(module, "_neverfade_engine", None) not in (None, self):
+                raise RuntimeError("this model already has neverfade methods attached; detach them first")
+            module._neverfade_engine = self
+        self.model.set_attn_implementation({"text_config": attention.NAME})
+        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        return self
+
+    def detach(self) -> None:
+        for module in text_attention_modules(self.model):
+            module.__dict__.pop("_neverfade_engine", None)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._previous_impl is not None:
+            self.model.set_attn_implementation({"text_config": self._previous_impl})
+        self.batch = None
+
+    def _before_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        prefill = cache is None or cache.get_seq_length() == 0
+        if prefill:
+            if input_ids is None:
+                raise ValueError("neverfade needs input_ids at the prefill to find the image tokens")
+            self.batch = Batch(image_mask=input_ids == self.info.image_token_id)
+            for m in self.methods:
+                m.begin_batch(self.batch)
+        elif self.batch is not None:
+            if input_ids is not None and input_ids.shape[0] != self.batch.size:
+                raise RuntimeError("the batch changed size between steps; beam search is not supported")
+            self.batch.step += 1
+            for m in self.methods:
+                m.begin_step(self.batch)
+        return None
+
+    # ---- the attention call ----
+    def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+        layer = module.layer_idx
+        batch = self.batch
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        if query.shape[2] == 1 and batch is not None and batch.step > 0:
+            methods = self.decode_layers[layer]
+            if methods:
+                return attention.attention_row(query, key, value, attention_mask, scaling, layer, methods, batch), None
+        elif batch is not None and self.prefill_layers[layer]:
+            keys = key if attention_mask is not None else key[:, :, : query.shape[2]]
+            attention.attention_row(query[:, :, -1:], keys, value, attention_mask, scaling, layer,
+                                    self.prefill_layers[layer], batch, apply=False)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)

@@ -1,0 +1,111 @@
+"""What a method is: declared parameters with their sources, and optional hooks the engine calls.
+
+The engine computes, at a decode step and only in the layers a method asks for, one explicit attention row:
+    scores -> [method.edit_scores] -> softmax -> probs -> [method.observe] -> [method.reweight] -> weights @ V
+Pre-softmax edits (PAI) act on `scores`; post-softmax reweightings without renormalisation (SPARC, LocoRE, naive)
+on `weights`, which equals scaling value vectors (METHODS.md). `observe` sees the probabilities after all pre-softmax
+edits and before any reweighting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from neverfade.engine.batch import Batch
+from neverfade.models.families import ModelInfo
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+class ParameterError(ValueError):
+    """An impossible or unknown method parameter."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any  # None: taken from the model family (ModelInfo.default), see `source`
+    help: str
+    source: str  # where the default comes from: "paper ..." or "our choice: why"
+    type: type = float
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False  # may stay None after binding
+
+    def check(self, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError):
+            raise ParameterError(f"{self.name} must be a {self.type.__name__}, got {value!r}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise ParameterError(f"{self.name} must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ParameterError(f"{self.name} must be <= {self.maximum}, got {value}")
+        return value
+
+
+class Method:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, **values: Any):
+        known = {p.name: p for p in self.params}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ParameterError(
+                f"{self.name} has no parameter {', '.join(sorted(unknown))}; it has {', '.join(known) or 'none'}")
+        for name, p in known.items():
+            setattr(self, name, p.check(values.get(name, p.default)))
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in self.params}
+
+    def bind(self, info: ModelInfo) -> None:
+        """Resolve per-family defaults and check the values against the model."""
+        for p in self.params:
+            if getattr(self, p.name) is None:
+                setattr(self, p.name, p.check(info.default(self.name, p.name)))
+            if getattr(self, p.name) is None and not p.optional:
+                raise ParameterError(f"{self.name}: no default for {p.name} on {info.family.name}; set it explicitly")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.values}
+
+    # ---- hooks; the engine calls only what a method declares through the layer sets ----
+    def decode_layers(self, num_layers: int) -> set[int]:
+        """Layers whose decode-step attention row this method edits, observes or reweights."""
+        return set()
+
+    def prefill_layers(self, num_layers: int) -> set[int]:
+        """Layers whose last prefill row this method observes (it is not edited there)."""
+        return set()
+
+    def begin_batch(self, batch: Batch) -> None:
+        """A new batch begins (its prefill is about to run): allocate per-sequence state."""
+
+    def begin_step(self, batch: Batch) -> None:
+        """A decode step begins, before its first layer."""
+
+    def edit_scores(self, layer: int, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return scores
+
+    def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
+        pass
+
+    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return weights
+
+    def logits_processors(self) -> list:
+        return []

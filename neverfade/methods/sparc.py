@@ -1,0 +1,86 @@
+"""SPARC: Selective Progressive Attention ReCalibration (Jung et al., 2025), exactly as METHODS.md defines it.
+
+At the selection layer L, each step compares the head-averaged attention of the newest query to every image token
+with its exponential moving average; tokens whose relative rise `(a - ema) / ema` reaches tau are selected, and from
+the next step on every calibrated layer weights them by alpha once more (alpha ** times selected). The weighting is
+applied to the attention row (equal to scaling the value vectors, as the authors do in the cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neverfade.engine.batch import Batch
+from neverfade.methods.base import Method, Param, ParameterError, register
+
+
+@register
+class SPARC(Method):
+    name = "sparc"
+    summary = "Reinforce, step by step, the image tokens whose attention rises above its recent trend."
+    params = (
+        Param("alpha", 1.1, "scale applied to a selected token's attention, compounding per selection",
+              "paper (all models)", minimum=0.0),
+        Param("beta", 0.1, "EMA factor: ema <- (1 - beta) * current + beta * ema; 0 compares with the last step only",
+              "paper (all models)", minimum=0.0, maximum=1.0),
+        Param("tau", None, "selection threshold on the relative rise (a - ema) / ema",
+              "paper per family: LLaVA-1.5 1.5, LLaVA-NeXT 4.0, Qwen2-VL 3.0 (Qwen2.5-VL: Qwen2-VL's, unvalidated)",
+              minimum=0.0),
+        Param("layer", None, "selection layer, 0-indexed",
+              "paper per family: 20 of 32 (LLaVA-1.5, LLaVA-NeXT), 18 of 28 (Qwen2-VL); other depths: same "
+              "relative depth", type=int, minimum=0),
+        Param("start", 0, "first calibrated layer", "paper: all layers", type=int, minimum=0),
+        Param("end", None, "last calibrated layer (inclusive); default the last layer", "paper: all layers",
+              type=int, minimum=0, optional=True),
+    )
+
+    def bind(self, info):
+        super().bind(info)
+        last = info.num_layers - 1
+        if self.end is None:
+            self.end = last
+        for key in ("layer", "start", "end"):
+            if getattr(self, key) > last:
+                raise ParameterError(
+                    f"sparc: {key} {getattr(self, key)} is beyond the model's depth ({info.num_layers} layers: 0..{last})")
+        if self.start > self.end:
+            raise ParameterError(f"sparc: start ({self.start}) is after end ({self.end})")
+
+    def decode_layers(self, num_layers):
+        return set(range(self.start, self.end + 1)) | {self.layer}
+
+    def prefill_layers(self, num_layers):
+        return {self.layer}
+
+    def begin_batch(self, batch: Batch) -> None:
+        shape, device = batch.image_mask.shape, batch.image_mask.device
+        self.ema = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.weight = torch.ones(shape, dtype=torch.float32, device=device)  # alpha ** times selected
+        self.pending = torch.ones(shape, dtype=torch.float32, device=device)  # this step's selection, applied next
+
+    def begin_step(self, batch: Batch) -> None:
+        self.weight.mul_(self.pending)
+        self.pending.fill_(1.0)
+
+    def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
+        if layer != self.layer:
+            return
+        image = batch.image_mask
+        current = probs.mean(dim=(1, 2))[:, : batch.prompt_len] * image  # (B, P), zero off the image
+        if batch.step > 0:
+            rise = (current - self.ema) / torch.where(image, self.ema, 1.0)
+            selected = image & (rise >= self.tau)
+            self.pending.copy_(torch.where(selected, self.alpha, 1.0))
+            self.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
+        else:
+            self.ema.copy_(current)
+
+    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self.start <= layer <= self.end:
+            return weights
+        return weights * pad_ones(self.weight, weights.shape[-1])[:, None, None, :]
+
+
+def pad_ones(multiplier: torch.Tensor, length: int) -> torch.Tensor:
+    """A (B, P) per-key multiplier extended with ones to `length` keys (the generated tokens)."""
+    return torch.nn.functional.pad(multiplier, (0, length - multiplier.shape[-1]), value=1.0)

@@ -1,0 +1,69 @@
+"""Per-family facts, as data, keyed by the transformers class name (as pyvene's model cards are).
+
+A method never knows which model it runs on: it asks `ModelInfo` for the family's defaults of its own parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    paper_layers: int  # depth of the model the paper's defaults were tuned on (7B)
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validated: bool = True  # False: the defaults are our extrapolation, not a paper's
+
+
+FAMILIES: dict[str, Family] = {
+    "LlavaForConditionalGeneration": Family(
+        "llava-1.5", 32, {"sparc": {"layer": 20, "tau": 1.5}}),
+    "LlavaNextForConditionalGeneration": Family(
+        "llava-next", 32, {"sparc": {"layer": 20, "tau": 4.0}}),
+    "Qwen2VLForConditionalGeneration": Family(
+        "qwen2-vl", 28, {"sparc": {"layer": 18, "tau": 3.0}}),
+    # Not in the SPARC paper: Qwen2-VL's values, unvalidated.
+    "Qwen2_5_VLForConditionalGeneration": Family(
+        "qwen2.5-vl", 28, {"sparc": {"layer": 18, "tau": 3.0}}, validated=False),
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What methods may know about the model they are attached to."""
+
+    family: Family
+    num_layers: int
+    image_token_id: int
+
+    def default(self, method: str, param: str) -> Any:
+        """The family's default for a method parameter, or None. Layer indices scale with depth:
+        a model as deep as the paper's gets the paper's layer; a shallower or deeper one the same relative depth."""
+        value = self.family.method_defaults.get(method, {}).get(param)
+        if value is not None and param == "layer":
+            value = min(self.num_layers - 1, round(value * self.num_layers / self.family.paper_layers))
+        return value
+
+
+def model_info(model) -> ModelInfo:
+    cls = type(model).__name__
+    family = FAMILIES.get(cls)
+    if family is None:
+        supported = ", ".join(f"{f.name} ({c})" for c, f in FAMILIES.items())
+        raise UnsupportedModel(f"{cls} is not supported; supported architectures: {supported}")
+    config = model.config
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = config.image_token_index
+    return ModelInfo(family, config.get_text_config().num_hidden_layers, int(image_token_id))
+
+
+def text_attention_modules(model) -> list:
+    """The self-attention module of each language-model layer, in order."""
+    return [layer.self_attn for layer in model.get_decoder().layers]

@@ -1,0 +1,40 @@
+"""Loading a family's processor, including on machines without torchvision.
+
+transformers 5 builds Qwen2-VL/Qwen2.5-VL processors with a video processor, and a video processor needs torchvision.
+Captioning never needs one, so where torchvision is absent we load the same processor with images and text only.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers.utils import is_torchvision_available
+
+
+class Qwen2VLImageProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without its video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+IMAGE_ONLY = {"Qwen2VLProcessor": Qwen2VLImageProcessor, "Qwen2_5_VLProcessor": Qwen2_5_VLImageProcessor}
+
+
+def image_only(cls_name: str):
+    """The image-only stand-in for a processor class that needs torchvision here, else None."""
+    return None if is_torchvision_available() else IMAGE_ONLY.get(cls_name)
+
+
+def load_processor(path: str, processor_class: str | None = None):
+    """AutoProcessor, or the image-only processor of a Qwen-VL checkpoint where torchvision is missing."""
+    stand_in = image_only(processor_class or "")
+    processor = (stand_in or AutoProcessor).from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return processor
