@@ -173,3 +173,16 @@ def _record_processor_class(path: Path, processor) -> None:
             if "processor_class" in data:
                 data["processor_class"] = real
                 file.write_text(json.dumps(data, indent=2))
+
+
+def cached_random(family: str) -> Path:
+    """A tiny random model of `family`, built once into the user's cache directory."""
+    import os
+
+    root = Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade")) / "random"
+    path = root / f"{family}-tiny"
+    if not (path / "config.json").exists():
+        tmp = root / f".{family}-tiny.{os.getpid()}"
+        build_random(family, tmp)
+        tmp.replace(path) if not path.exists() else None
+    return path

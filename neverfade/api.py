@@ -1,0 +1,160 @@
+"""The Python API: `load` a model with methods, or `attach` methods to a model you hold, then `caption`.
+
+    >>> c = neverfade.load("llava-hf/llava-1.5-7b-hf", methods=["sparc"])
+    >>> c.caption([Image.open("cat.jpg")], max_new_tokens=512)[0].text
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from PIL import Image
+
+from neverfade.engine.engine import Engine
+from neverfade.methods import build_methods
+from neverfade.methods.base import Method
+from neverfade.models.families import model_info
+from neverfade.models.processors import load_processor
+
+DEFAULT_PROMPT = "Please describe this image in detail."
+
+
+@dataclass
+class Caption:
+    text: str
+    new_tokens: int
+    seconds: float  # this caption's share of its batch's wall time
+
+
+class Captioner:
+    """A model, its processor, and the methods attached to it."""
+
+    def __init__(self, model, processor, methods: Iterable[Method | str] = (), name: str | None = None):
+        model_info(model)  # refuse unsupported architectures before anything else
+        self.model = model.eval()
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.engine: Engine | None = None
+        self.use(methods)
+
+    @property
+    def methods(self) -> list[Method]:
+        return self.engine.methods if self.engine else []
+
+    def use(self, methods: Iterable[Method | str] = (), params: dict[str, dict[str, Any]] | None = None):
+        """Replace the attached methods (an empty list is the baseline)."""
+        if self.engine is not None:
+            self.engine.detach()
+            self.engine = None
+        built = build_methods(methods, params)
+        if built:
+            self.engine = Engine(self.model, built).attach()
+        return self
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [m.describe() for m in self.methods]
+
+    def prompt_text(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
+                do_sample: bool = False, **generate_kwargs) -> list[Caption]:
+        """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image."""
+        if not images:
+            return []
+        if generate_kwargs.get("num_beams", 1) > 1 and self.engine is not None:
+            raise ValueError("beam search is not supported with attention methods attached (their per-sequence "
+                             "state would not follow the beams); use greedy decoding or sampling")
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        pil = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in images]
+        inputs = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt",
+                                padding=True).to(self.model.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        start = time.perf_counter()
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+        seconds = (time.perf_counter() - start) / len(pil)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        counts = self._count_new_tokens(new)
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        return [Caption(t.strip(), int(n), seconds) for t, n in zip(texts, counts)]
+
+    def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
+        """Generated tokens up to and including the first end-of-sequence token."""
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if not eos:
+            return [new.shape[1]] * new.shape[0]
+        is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, new.shape[1])
+        return first.tolist()
+
+
+def attach(model, processor, *methods: Method | str, **params: Any) -> Captioner:
+    """Attach methods to a model you already hold: `attach(model, processor, "sparc", tau=2.0)`.
+
+    Keyword parameters apply to the one method named; with several methods pass Method objects instead."""
+    if params and len(methods) != 1:
+        raise ValueError("keyword parameters need exactly one method; pass Method objects to configure several")
+    per_method = {methods[0] if isinstance(methods[0], str) else methods[0].name: params} if params else None
+    return Captioner(model, processor, methods, per_method)
+
+
+def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),
+         method_params: dict[str, dict[str, Any]] | None = None, device: str | None = None,
+         dtype: str | torch.dtype | None = None) -> Captioner:
+    """Load a model (a local path or hub id; None: the embedded default) with methods attached."""
+    from transformers import AutoModelForImageTextToText
+
+    path, name = resolve_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _dtype(dtype, device)
+    built = build_methods(methods, method_params)  # bad method names and values fail before the model loads
+    net = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    processor = load_processor(path, _processor_class(path))
+    return Captioner(net, processor, built, name=name)
+
+
+def resolve_model(model: str | Path | None) -> tuple[str, str]:
+    """(path or hub id to load, the name recorded with results). `random:<family>` builds a tiny random model."""
+    if model is None:
+        from neverfade.models.default import default_model
+
+        return default_model()
+    model = str(model)
+    if model.startswith("random:"):
+        from neverfade.models.random import cached_random
+
+        return str(cached_random(model.split(":", 1)[1])), model
+    return model, model
+
+
+def _processor_class(path: str) -> str | None:
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        file = Path(path) / name
+        if file.exists():
+            cls = json.loads(file.read_text()).get("processor_class")
+            if cls:
+                return cls
+    return None
+
+
+def _dtype(dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None

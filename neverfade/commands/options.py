@@ -1,0 +1,40 @@
+"""Command-line options shared by the commands that run a model: the model, the methods and their parameters."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from neverfade.methods import BASELINE, METHODS
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None,
+                       help="a local model folder or hub id (default: the embedded model; random:<family> builds a "
+                            "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl)")
+    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("methods", "Repeat --method to compose methods; each has its own parameters.")
+    group.add_argument("--method", action="append", default=[], metavar="NAME",
+                       help=f"a method to attach: {', '.join([BASELINE, *METHODS])} (repeatable; default baseline)")
+    for method in METHODS.values():
+        for p in method.params:
+            default = "model family's" if p.default is None else p.default
+            group.add_argument(f"--{method.name}-{p.name.replace('_', '-')}", dest=f"param__{method.name}__{p.name}",
+                               type=p.type, default=None, metavar=p.type.__name__.upper(),
+                               help=f"{method.name}: {p.help} (default {default}; {p.source})")
+
+
+def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The methods named with --method and the parameter values given for them."""
+    params: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if key.startswith("param__") and value is not None:
+            _, method, name = key.split("__", 2)
+            params.setdefault(method, {})[name] = value
+    return list(args.method) or [BASELINE], params

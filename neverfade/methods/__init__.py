@@ -1,0 +1,34 @@
+"""Methods, registered by name. Importing this package registers every built-in method."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from neverfade.methods import sparc  # noqa: F401  (registers)
+from neverfade.methods.base import METHODS, Method, Param, ParameterError, register
+
+BASELINE = "baseline"
+
+__all__ = ["METHODS", "Method", "Param", "ParameterError", "register", "build_methods", "BASELINE"]
+
+
+def build_methods(methods: Iterable[Method | str], params: dict[str, dict[str, Any]] | None = None) -> list[Method]:
+    """Method objects from names or objects; `params` maps a method name to its parameter values.
+    The name `baseline` means no method."""
+    params = dict(params or {})
+    built: list[Method] = []
+    for m in methods:
+        if isinstance(m, Method):
+            built.append(m)
+            continue
+        if m == BASELINE:
+            continue
+        if m not in METHODS:
+            raise ParameterError(f"unknown method {m!r}; known: {', '.join([BASELINE, *METHODS])}")
+        built.append(METHODS[m](**params.pop(m, {})))
+    names = [m.name for m in built]
+    if len(set(names)) != len(names):
+        raise ParameterError(f"a method is listed twice: {', '.join(names)}")
+    if params:
+        raise ParameterError(f"parameters given for {', '.join(params)}, which is not among the methods used")
+    return built
