@@ -1,0 +1,252 @@
+"""CLAIR (Chan et al. 2023): an LLM judge scores 0-100 how likely a candidate caption set describes the same image
+as a reference set. Prompt and parsing are the original's (DavidMChan/clair): up to 3 tries; each answer is read as
+the first {...} JSON object's "score" (and "reason"), else as the first number in the text (a number below 1 is taken
+as already normalised and multiplied by 100); three unreadable answers score 0. Scores are stored divided by 100.
+
+The judge is any OpenAI-compatible endpoint: POST {url}/chat/completions, temperature 0, the key (when set) from an
+environment variable as a Bearer token. Calls run `concurrency` at a time and are retried with exponential backoff
+and jitter on HTTP 429, 5xx, time-outs and dropped connections, honouring Retry-After. Every judge answer is
+appended to a JSONL cache, flushed and synced as it arrives, keyed by (judge model, prompt, try number), so an
+interrupted evaluation resumes without asking any question twice.
+
+    judge = clair.Judge("https://api.openai.com/v1", "gpt-4o", api_key=os.environ["OPENAI_API_KEY"])
+    result = clair.evaluate(captions.load("out/sparc.jsonl"), clair.load_references("IIW-400/data.jsonl"),
+                            judge, clair.AnswerCache("clair-cache.jsonl"))
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from neverfade.cli import UserError
+from neverfade.data.coco import AnnotationError, read_jsonl
+from neverfade.eval import report
+from neverfade.eval.captions import Captions
+
+PROMPT = """\
+You are trying to tell if a candidate set of captions is describing the same image as a reference set of captions.
+Candidate set:
+{candidate_statements}
+Reference set:
+{target_statements}
+On a precise scale from 0 to 100, how likely is it that the candidate set is \
+describing the same image as the reference set? (JSON format, with a key "score", \
+value between 0 and 100, and a key "reason" with a string value.)
+"""
+TABLE_COLUMNS = [("CLAIR", "CLAIR", True), ("n", "n", False)]
+
+
+class JudgeError(UserError):
+    """The judge cannot be used: a refused request, or no answer after every retry. Answers so far are cached."""
+
+
+def build_prompt(candidates: list[str], references: list[str]) -> str:
+    return PROMPT.format(candidate_statements="".join(f"- {c}\n" for c in candidates),
+                         target_statements="".join(f"- {t}\n" for t in references))
+
+
+def parse(text: str) -> tuple[float | None, str | None]:
+    """(score 0-100, reason) from a judge answer, (None, None) when it holds neither JSON score nor number."""
+    try:
+        data = json.loads("{" + text.split("{")[1].split("}")[0] + "}")
+        return float(data["score"]), str(data.get("reason", "Unknown"))
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
+        pass
+    numbers = re.findall(r"\d*\.?\d+", text)
+    if not numbers:
+        return None, None
+    score = float(numbers[0])
+    reason = re.findall(r"(?i)reason.*", text)
+    return (score * 100 if score < 1 else score,
+            reason[0].strip()[len("reason"):].replace(":", "").strip() if reason else "Unknown")
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After") if headers else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class _Transient(Exception):
+    def __init__(self, why: str, wait: float | None = None):
+        super().__init__(why)
+        self.wait = wait
+
+
+@dataclass
+class Judge:
+    """A chat-completions client with retries. `stop` (an Event) ends waiting between retries early."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    retries: int = 6
+    backoff: float = 1.0  # seconds before the first retry, doubled each time, at most max_backoff
+    max_backoff: float = 60.0
+    max_tokens: int = 1024
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _request(self, prompt: str) -> str:
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0.0, "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:300].decode("utf-8", "replace")
+            if err.code == 429 or err.code >= 500:
+                raise _Transient(f"HTTP {err.code}", _retry_after(err.headers)) from None
+            raise JudgeError(f"judge at {self.url} answered HTTP {err.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+            raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
+        try:
+            return str(json.loads(raw)["choices"][0]["message"]["content"] or "")
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise _Transient(f"not a chat-completions answer: {raw[:200]!r}") from None
+
+    def complete(self, prompt: str) -> str:
+        """The judge's answer to `prompt`, retrying transient failures; JudgeError when none comes."""
+        for attempt in range(self.retries + 1):
+            if self.stop.is_set():
+                raise JudgeError("stopped")
+            try:
+                return self._request(prompt)
+            except _Transient as err:
+                if attempt == self.retries:
+                    raise JudgeError(f"judge at {self.url} failed {attempt + 1} times, last: {err}") from None
+                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+                self.stop.wait(max(delay, err.wait or 0.0))
+        raise AssertionError("unreachable")
+
+
+class AnswerCache:
+    """Judge answers by (model, prompt, try), kept in an append-only JSONL file; a torn last line is ignored."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.answers: dict[str, str] = {}
+        self._lock = threading.Lock()
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        self.answers[record["key"]] = record["answer"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+
+    @staticmethod
+    def key(model: str, prompt: str, attempt: int) -> str:
+        return hashlib.sha256(json.dumps([model, prompt, attempt]).encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        return self.answers.get(key)
+
+    def put(self, key: str, model: str, answer: str) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "model": model, "answer": answer}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.answers[key] = answer
+
+
+def score_one(judge: Judge, cache: AnswerCache, candidates: list[str], references: list[str],
+              tries: int = 3) -> dict[str, Any]:
+    """CLAIR of one candidate set: {"score" (0-1), "reason", "tries"}, asking the judge only what is not cached."""
+    prompt = build_prompt(candidates, references)
+    for attempt in range(tries):
+        key = AnswerCache.key(judge.model, prompt, attempt)
+        answer = cache.get(key)
+        if answer is None:
+            answer = judge.complete(prompt)
+            cache.put(key, judge.model, answer)
+        score, reason = parse(answer)
+        if score is not None:
+            return {"score": score / 100, "reason": reason, "tries": attempt + 1}
+    return {"score": 0.0, "reason": None, "tries": tries, "unparsed": True}
+
+
+def load_references(path: str | Path) -> dict[str, list[str]]:
+    """id -> reference descriptions, from IIW-400 or DOCCI JSONL, or {"id", "references": [...] | str} records."""
+    from neverfade.data.docci import docci
+    from neverfade.data.iiw import iiw400
+
+    _, first = next(read_jsonl(path), (0, {}))
+    if "references" in first:
+        references = {}
+        for number, record in read_jsonl(path):
+            if "id" not in record or not isinstance(record.get("references"), (list, str)):
+                raise AnnotationError(f"{path}: line {number} needs 'id' and 'references' (a list or a string)")
+            refs = record["references"]
+            references[str(record["id"])] = [refs] if isinstance(refs, str) else [str(r) for r in refs]
+        return references
+    items = docci(path, split=None) if "example_id" in first else iiw400(path)
+    return {item.id: item.meta["references"] for item in items}
+
+
+def metrics(sums: np.ndarray) -> dict[str, np.ndarray]:
+    return {"CLAIR": report.ratio(sums[..., 0], sums[..., 1])}
+
+
+def evaluate(captions: Captions, references: dict[str, list[str]], judge: Judge, cache: AnswerCache,
+             concurrency: int = 8, tries: int = 3, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mean CLAIR over the captions, a bootstrap CI over images, and each caption's score and reason."""
+    missing = [key for key in captions.records if key not in references]
+    if missing:
+        raise AnnotationError(f"{captions.path}: {len(missing)} caption id(s) have no reference "
+                              f"(first: {missing[0]!r})")
+    keys = list(captions.records)
+    judge.stop.clear()
+    scored: dict[str, dict[str, Any]] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        futures = {pool.submit(score_one, judge, cache, [captions.records[k]["caption"]], references[k], tries): k
+                   for k in keys}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="CLAIR", unit="caption"):
+            scored[futures[future]] = future.result()
+    except BaseException:
+        judge.stop.set()  # in-flight calls finish and are cached; queued ones never start
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    per_caption = [{"id": k, **scored[k]} for k in keys]
+    counts = np.array([[r["score"], 1.0] for r in per_caption])
+    return {
+        "metric": "clair",
+        **captions.describe(),
+        "judge": {"url": judge.url, "model": judge.model, "tries": tries},
+        "overall": {**report.point(counts, metrics), "n": len(counts),
+                    "unparsed": sum(1 for r in per_caption if r.get("unparsed"))},
+        "ci": report.bootstrap(counts, metrics, n=n_boot, seed=seed) if n_boot else {},
+        "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95, "over": "images"},
+        "per_caption": per_caption,
+    }
