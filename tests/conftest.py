@@ -1,0 +1,26 @@
+import os
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from neverfade.models.random import FAMILIES, build_random  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Each family's tiny random model, saved once per session; loaded through from_pretrained by the tests."""
+    root = tmp_path_factory.mktemp("models")
+    return {family: str(build_random(family, root / family)) for family in FAMILIES}
+
+
+def make_images():
+    """Three images of different sizes and content (different token counts for LLaVA-NeXT and Qwen-VL)."""
+    images = []
+    for i, (w, h) in enumerate([(40, 30), (64, 100), (90, 56)]):
+        img = Image.new("RGB", (w, h))
+        img.putdata([((x * 37 + i * 80) % 256, (y * 53) % 256, ((x + y) * 11 + i * 40) % 256)
+                     for y in range(h) for x in range(w)])
+        images.append(img)
+    return images

@@ -1,0 +1,98 @@
+"""SPARC's fast path against the plain reference, on every family; batching against one image at a time."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import neverfade
+from neverfade.models.random import FAMILIES
+from reference_sparc import ReferenceSPARC
+from conftest import make_images
+
+STEPS = 24
+GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+SPARC = dict(tau=0.05, alpha=1.5, layer=2)
+
+
+def inputs_for(captioner, images, prompts):
+    texts = [captioner.prompt_text(p) for p in prompts]
+    return captioner.processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_equals_reference(tiny_models, family):
+    c = neverfade.load(tiny_models[family], device="cpu")
+    inputs = inputs_for(c, make_images()[1:2], [neverfade.DEFAULT_PROMPT])
+    baseline = c.model.generate(**inputs, **GREEDY)
+    c.use(["sparc"], {"sparc": SPARC})
+    fast = c.model.generate(**inputs, **GREEDY)
+
+    ref_model = AutoModelForImageTextToText.from_pretrained(tiny_models[family]).eval()
+    ref = ReferenceSPARC(c.engine.info.image_token_id, **SPARC)
+    ref.attach(ref_model, inputs["input_ids"])
+    reference = ref_model.generate(**inputs, **GREEDY)
+
+    assert ref.total_selected > 0, "tau must be low enough for selections to happen"
+    assert (c.methods[0].weight > 1).sum().item() > 0
+    assert len(set(baseline.sequences[0, -STEPS:].tolist())) > 3, "the random model must not repeat one token"
+    assert not torch.equal(fast.sequences, baseline.sequences), "SPARC must change the output here"
+    assert torch.equal(fast.sequences, reference.sequences)
+    for ours, theirs in zip(fast.scores, reference.scores):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_each_image_alone(tiny_models, family):
+    c = neverfade.load(tiny_models[family], device="cpu", methods=["sparc"], method_params={"sparc": SPARC})
+    images = make_images()
+    prompts = [neverfade.DEFAULT_PROMPT, "Describe it.", "What is in this picture? Describe every object."]
+    batch = inputs_for(c, images, prompts)
+    assert (batch["attention_mask"] == 0).any(), "the batch must need left padding"
+    together = c.model.generate(**batch, **GREEDY)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        alone = c.model.generate(**inputs_for(c, [image], [prompt]), **GREEDY)
+        assert torch.equal(together.sequences[i, -STEPS:], alone.sequences[0, -STEPS:])
+        for ours, theirs in zip(together.scores, alone.scores):
+            torch.testing.assert_close(ours[i], theirs[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_no_method_and_identity_method_equal_stock_generate(tiny_models, family):
+    """No method attached runs stock SDPA; SPARC with alpha = 1 runs the explicit attention row in every layer and
+    changes nothing, so both must equal stock `generate` on a padded batch."""
+    c = neverfade.load(tiny_models[family], device="cpu")
+    batch = inputs_for(c, make_images(), ["Describe it.", neverfade.DEFAULT_PROMPT, "Hi"])
+    stock = c.model.generate(**batch, **GREEDY)
+    from neverfade.engine.engine import Engine
+
+    engine = Engine(c.model, []).attach()
+    empty = c.model.generate(**batch, **GREEDY)
+    engine.detach()
+    c.use(["sparc"], {"sparc": {"alpha": 1.0, "tau": 0.0}})
+    assert all(c.engine.decode_layers), "every layer must take the explicit path"
+    identity = c.model.generate(**batch, **GREEDY)
+    assert torch.equal(stock.sequences, empty.sequences)
+    assert torch.equal(stock.sequences, identity.sequences)
+    for s, i in zip(stock.scores, identity.scores):
+        torch.testing.assert_close(s, i, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_batched_and_seeded(tiny_models):
+    c = neverfade.load(tiny_models["qwen2_vl"], device="cpu", methods=["sparc"], method_params={"sparc": SPARC})
+    images = make_images()
+    torch.manual_seed(7)
+    first = [r.text for r in c.caption(images, max_new_tokens=12, do_sample=True)]
+    torch.manual_seed(7)
+    second = [r.text for r in c.caption(images, max_new_tokens=12, do_sample=True)]
+    greedy = [r.text for r in c.caption(images, max_new_tokens=12)]
+    assert first == second
+    assert first != greedy
+
+
+def test_beam_search_is_refused_with_methods(tiny_models):
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"])
+    with pytest.raises(ValueError, match="beam search"):
+        c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)
+    c.use([])
+    assert len(c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)) == 1
