@@ -39,8 +39,9 @@ def read_json(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any
     return data
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line of a JSONL file; AnnotationError on a bad line."""
+def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of a JSONL file; AnnotationError on a bad line, except, with
+    `torn_tail_ok`, an unparsable last line with no newline (what a killed writer leaves), which is skipped."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: no such file")
@@ -51,6 +52,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
+                if torn_tail_ok and not line.endswith("\n"):
+                    return
                 raise AnnotationError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise AnnotationError(f"{path}: line {number} is not a JSON object")

@@ -1,8 +1,9 @@
-"""Caption files as `neverfade caption` writes them: JSONL, one record per image.
+"""Caption files as `neverfade caption` writes them: JSONL, one record per image and run.
 
-A record needs "id" and "caption"; "error", "image", "model" and "methods" are read when present. A record with an
-error or a null caption is skipped by every metric (counted). When an id repeats (a resumed run), its last
-successful record counts.
+A record needs "id" and "caption"; "error", "run", "image", "model" and "methods" are read when present. One file
+may hold several runs (method settings, e.g. with --vs-baseline); each is scored on its own. A record with an error
+or a null caption is skipped by every metric (counted). When an id repeats within a run (a retried image), its last
+successful record counts. A torn last line (a killed run) is ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Captions:
     path: str
     records: dict[str, dict[str, Any]]  # id -> record with a caption
     skipped: dict[str, str] = field(default_factory=dict)  # id -> why (the record's error, or "no caption")
+    run: str | None = None
 
     @property
     def model(self) -> str | None:
@@ -29,23 +31,40 @@ class Captions:
         return next((r.get("methods") for r in self.records.values()), None)
 
     def describe(self) -> dict[str, Any]:
-        return {"captions": self.path, "model": self.model, "methods": self.methods,
+        return {"captions": self.path, "run": self.run, "model": self.model, "methods": self.methods,
                 "n_captions": len(self.records), "n_skipped": len(self.skipped)}
 
 
-def load(path: str | Path) -> Captions:
-    captions = Captions(str(path), {})
-    for number, record in read_jsonl(path):
+def method_label(methods: list | None) -> str:
+    """"sparc+locore", or "baseline" for no method."""
+    return "+".join(str(m.get("name", m)) if isinstance(m, dict) else str(m) for m in methods or []) or "baseline"
+
+
+def load_runs(path: str | Path) -> list[Captions]:
+    """One Captions per run in the file, in order of first appearance."""
+    runs: dict[str | None, Captions] = {}
+    for number, record in read_jsonl(path, torn_tail_ok=True):
         if "id" not in record:
             raise AnnotationError(f"{path}: line {number} has no 'id' field")
-        key = str(record["id"])
-        caption = record.get("caption")
+        run = runs.setdefault(record.get("run"), Captions(str(path), {}, run=record.get("run")))
+        key, caption = str(record["id"]), record.get("caption")
         if record.get("error") or not isinstance(caption, str):
-            if key not in captions.records:
-                captions.skipped[key] = str(record.get("error") or "no caption")
+            if key not in run.records:
+                run.skipped[key] = str(record.get("error") or "no caption")
             continue
-        captions.records[key] = record
-        captions.skipped.pop(key, None)
-    if not captions.records:
-        raise AnnotationError(f"{path}: no record with a caption ({len(captions.skipped)} skipped)")
-    return captions
+        run.records[key] = record
+        run.skipped.pop(key, None)
+    found = [run for run in runs.values() if run.records]
+    if not found:
+        skipped = sum(len(run.skipped) for run in runs.values())
+        raise AnnotationError(f"{path}: no record with a caption ({skipped} skipped)")
+    return found
+
+
+def load(path: str | Path) -> Captions:
+    """The captions of a file that holds one run."""
+    runs = load_runs(path)
+    if len(runs) > 1:
+        raise AnnotationError(f"{path}: holds {len(runs)} runs ({', '.join(method_label(r.methods) for r in runs)}); "
+                              f"use load_runs")
+    return runs[0]

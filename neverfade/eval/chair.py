@@ -5,7 +5,7 @@ instances_{val,train}2014.json and captions_{val,train}2014.json (val required; 
 original does). Over the captions evaluated (pooled):
   CHAIRs = captions with a hallucinated mention / captions      CHAIRi = hallucinated mentions / mentions
   Recall = sum |distinct mentioned AND gt| / sum |gt|           Precision = 1 - CHAIRi,  F1 = 2PR / (P + R)
-`objects` and `words` are the mean mentions and mean length (words, punctuation excluded) per caption.
+`objects` and `words` are the mean mentions and mean length in words (whitespace-separated) per caption.
 Parsed ground truth is cached (JSON, keyed by the annotation files' size and mtime and by the vocabulary's source).
 
     truth = chair.GroundTruth.from_coco("coco/annotations")
@@ -108,11 +108,13 @@ class GroundTruth:
 
 
 def image_id(key: str, record: dict[str, Any]) -> int | None:
-    """The COCO image id of a caption record: its id when numeric, else the number ending its image file name."""
-    if key.isdigit():
-        return int(key)
-    match = re.search(r"(\d+)\D*$", str(record.get("image") or ""))
-    return int(match.group(1)) if match else None
+    """The COCO image id of a caption record: the number ending its id (42, "COCO_val2014_000000000042.jpg"),
+    else the number ending its image file name."""
+    for text in (key, Path(str(record.get("image") or "")).name):
+        match = re.search(r"(\d+)\D*$", text)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def score_caption(vocabulary: chair_words.Vocabulary, caption: str, gt: frozenset[str]) -> dict[str, Any]:

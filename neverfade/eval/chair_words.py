@@ -195,8 +195,8 @@ class Vocabulary:
 
 
 def count_words(text: str) -> int:
-    """Caption length in words: tokens that are not punctuation."""
-    return sum(1 for t in tokenize(text) if t[0].isalnum())
+    """Caption length: whitespace-separated words holding a letter or digit ("dog's" is one, a lone "-" none)."""
+    return sum(1 for chunk in text.split() if any(c.isalnum() for c in chunk))
 
 
 CATEGORIES = list(dict.fromkeys(line.split(",")[0].strip() for line in SYNONYMS.splitlines()))

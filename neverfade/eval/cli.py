@@ -51,8 +51,8 @@ def _inputs(args) -> list[str]:
     return paths
 
 
-def _saved_result(path: str, metric: str) -> dict[str, Any] | None:
-    """A results JSON written by --out earlier (so --compare can mix fresh and saved results), else None."""
+def _saved_results(path: str, metric: str) -> list[dict[str, Any]] | None:
+    """Results JSON written by --out earlier (so --compare can mix fresh and saved results), else None."""
     if not path.endswith(".json"):
         return None
     try:
@@ -60,16 +60,27 @@ def _saved_result(path: str, metric: str) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     if isinstance(data, dict) and data.get("metric") == metric:
-        return data
+        return data["results"] if "results" in data else [data]
     return None
 
 
-def _run(args, metric: str, compute: Callable[[str], dict[str, Any]], columns) -> int:
+def _run(args, metric: str, compute: Callable[[str], list[dict[str, Any]]], columns) -> int:
+    """Score each input (a file may hold several runs), print one table row per run, write --out."""
     from neverfade.eval import report
+    from neverfade.eval.captions import method_label
 
     paths = _inputs(args)
-    results = [_saved_result(p, metric) or compute(p) for p in paths]
-    labelled = dict(zip(report.unique_labels(paths), results))
+    labelled: dict[str, dict[str, Any]] = {}
+    for path, label in zip(paths, report.unique_labels(paths)):
+        results = _saved_results(path, metric) or compute(path)
+        subs = [method_label(r.get("methods")) for r in results]
+        if len(set(subs)) < len(subs):
+            subs = [f"{Path(str(r.get('captions') or r.get('answers'))).stem}:{sub}" for r, sub in zip(results, subs)]
+        for result, sub in zip(results, subs):
+            name = f"{label}:{sub}" if len(results) > 1 else label
+            while name in labelled:
+                name += "'"
+            labelled[name] = result
     print(report.table(labelled, columns))
     drawn = {label: r for label, r in labelled.items() if r.get("draws")}
     if drawn:
@@ -81,6 +92,7 @@ def _run(args, metric: str, compute: Callable[[str], dict[str, Any]], columns) -
         if r.get("n_skipped"):
             print(f"{label}: {r['n_skipped']} record(s) skipped (error or no caption)")
     if args.out:
+        results = list(labelled.values())
         report.write_json(args.out, results[0] if len(results) == 1 else {"metric": metric, "results": results})
         print(f"results written to {args.out}")
     return 0
@@ -121,8 +133,8 @@ def run_chair(args) -> int:
             raise _user_error("--coco DIR is needed to score caption files")
         if not truth:
             truth.append(chair.GroundTruth.from_coco(args.coco, args.cache_dir))
-        return chair.evaluate(captions.load(path), truth[0], n_boot=args.bootstrap, seed=args.seed,
-                              n_draws=args.draws, draw_size=args.draw_size)
+        return [chair.evaluate(run, truth[0], n_boot=args.bootstrap, seed=args.seed, n_draws=args.draws,
+                               draw_size=args.draw_size) for run in captions.load_runs(path)]
 
     return _run(args, "chair", compute, chair.TABLE_COLUMNS)
 
@@ -150,16 +162,16 @@ def add_pope(eval_subparsers) -> None:
                                 description="Answer POPE questions; appends to --out and resumes from it.")
     answer.add_argument("questions", help="question file (POPE JSONL)")
     answer.add_argument("--images", required=True, metavar="DIR", help="folder of the questions' images")
-    answer.add_argument("--model", required=True, help="model id or path")
-    answer.add_argument("--method", action="append", default=[], help="method name, repeatable, in order")
-    answer.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="method parameter, repeatable (e.g. sparc.tau=2.0)")
     answer.add_argument("--caption-first", action="store_true",
                         help="describe the image first and answer with that description in the prompt")
     answer.add_argument("--batch-size", type=int, default=8)
     answer.add_argument("--max-new-tokens", type=int, default=32, help="for answers (default 32)")
     answer.add_argument("--caption-tokens", type=int, default=512, help="for --caption-first captions (512)")
     answer.add_argument("--out", required=True, help="answers JSONL")
+    from neverfade.commands.options import add_method_options, add_model_options
+
+    add_model_options(answer)
+    add_method_options(answer)
     answer.set_defaults(func=run_pope_answer)
 
     score = actions.add_parser("score", help="accuracy, precision, recall, F1, yes-ratio",
@@ -183,46 +195,28 @@ def run_pope_build(args) -> int:
     return 0
 
 
-def method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
-    """["sparc.tau=2.0", ...] -> {"sparc": {"tau": 2.0}}; values are read as JSON where they parse."""
-    params: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        name, dot, rest = spec.partition(".")
-        key, eq, value = rest.partition("=")
-        if not (dot and eq and name and key):
-            raise _user_error(f"--param {spec!r}: expected METHOD.KEY=VALUE")
-        try:
-            params.setdefault(name, {})[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name][key] = value
-    return params
-
-
 def run_pope_answer(args) -> int:
-    import neverfade
+    from neverfade.commands.caption import _load
+    from neverfade.commands.options import method_choice
     from neverfade.eval import pope
+    from neverfade.results import ResultsFile
 
     questions = pope.read_questions(args.questions)
-    done = set()
-    if Path(args.out).is_file():
-        from neverfade.data.coco import read_jsonl
-
-        done = {r.get("question_id") for _, r in read_jsonl(args.out)}
+    try:
+        answers = ResultsFile(args.out)  # appended to, fsynced per record; a torn last line is cut
+    except ValueError as err:
+        raise _user_error(str(err)) from None
+    done = {r.get("question_id") for r in answers.records}
     todo = [q for q in questions if q["question_id"] not in done]
     print(f"{len(questions) - len(todo)} of {len(questions)} questions already answered in {args.out}")
     if not todo:
         return 0
-    if not hasattr(neverfade, "load"):
-        raise _user_error("model loading (neverfade.load) is not available in this build")
-    params = method_params(args.param)
-    captioner = neverfade.load(args.model, methods=args.method, method_params=params)
-    described = [{"name": m, "params": params.get(m, {})} for m in args.method]
-    with open(args.out, "a", encoding="utf-8") as f:
-        for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  caption_tokens=args.caption_tokens):
-            f.write(json.dumps({**record, "model": args.model, "methods": described}, ensure_ascii=False) + "\n")
-            f.flush()
+    captioner = _load(args, *method_choice(args))
+    described = {"model": captioner.name, "methods": captioner.describe()}
+    for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              caption_tokens=args.caption_tokens):
+        answers.append([{**record, **described}])
     return 0
 
 
@@ -239,7 +233,8 @@ def run_pope_score(args) -> int:
             result = pope.score((r for _, r in read_jsonl(path)), labels, n_boot=args.bootstrap, seed=args.seed)
         except ValueError as err:
             raise _user_error(f"{path}: {err}") from None
-        return {**result, "answers": path}
+        first = next((r for _, r in read_jsonl(path)), {})
+        return [{**result, "answers": path, "model": first.get("model"), "methods": first.get("methods")}]
 
     return _run(args, "pope", compute, pope.TABLE_COLUMNS)
 
@@ -277,7 +272,7 @@ def run_clair(args) -> int:
             raise _user_error("--references FILE is needed to score caption files")
         if not references:
             references.append(clair.load_references(args.references))
-        return clair.evaluate(captions.load(path), references[0], judge, cache, concurrency=args.concurrency,
-                              n_boot=args.bootstrap, seed=args.seed)
+        return [clair.evaluate(run, references[0], judge, cache, concurrency=args.concurrency,
+                               n_boot=args.bootstrap, seed=args.seed) for run in captions.load_runs(path)]
 
     return _run(args, "clair", compute, clair.TABLE_COLUMNS)
