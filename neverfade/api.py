@@ -114,12 +114,15 @@ def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),
          method_params: dict[str, dict[str, Any]] | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None) -> Captioner:
     """Load a model (a local path or hub id; None: the embedded default) with methods attached."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from neverfade.models.families import check_supported
 
     path, name = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
     built = build_methods(methods, method_params)  # bad method names and values fail before the model loads
+    check_supported(AutoConfig.from_pretrained(path))
     net = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     processor = load_processor(path, _processor_class(path))
     return Captioner(net, processor, built, name=name)

@@ -51,12 +51,23 @@ class ModelInfo:
         return value
 
 
-def model_info(model) -> ModelInfo:
-    cls = type(model).__name__
-    family = FAMILIES.get(cls)
+def family_of(architecture: str) -> Family:
+    family = FAMILIES.get(architecture)
     if family is None:
         supported = ", ".join(f"{f.name} ({c})" for c, f in FAMILIES.items())
-        raise UnsupportedModel(f"{cls} is not supported; supported architectures: {supported}")
+        raise UnsupportedModel(f"{architecture} is not supported; supported architectures: {supported}")
+    return family
+
+
+def check_supported(config) -> None:
+    """Refuse a checkpoint whose config names no supported architecture, before its weights load."""
+    names = list(getattr(config, "architectures", None) or [])
+    if not any(n in FAMILIES for n in names):
+        family_of(names[0] if names else type(config).__name__)
+
+
+def model_info(model) -> ModelInfo:
+    family = family_of(type(model).__name__)
     config = model.config
     image_token_id = getattr(config, "image_token_id", None)
     if image_token_id is None:
