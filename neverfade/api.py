@@ -139,7 +139,9 @@ def resolve_model(model: str | Path | None) -> tuple[str, str]:
         from neverfade.models.random import cached_random
 
         return str(cached_random(model.split(":", 1)[1])), model
-    return model, model
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"no such model folder: {model}")
+    return str(Path(model).expanduser()) if model.startswith("~") else model, model
 
 
 def _processor_class(path: str) -> str | None:

@@ -112,7 +112,8 @@ BAD_INPUT = {
     "manifest line without image": (["MANIFEST"], ':1: each line needs an "image" field'),
     "zero batch size": (["GOOD", "--batch-size", "0"], "--batch-size must be at least 1"),
     "unsupported model": (["GOOD", "--model", "UNSUPPORTED"], "is not supported; supported architectures"),
-    "missing model": (["GOOD", "--model", "no/such-model-dir"], "cannot load model"),
+    "missing model folder": (["GOOD", "--model", "./no/such-model-dir"], "no such model folder"),
+    "unknown random family": (["GOOD", "--model", "random:gpt"], "unknown family 'gpt'"),
 }
 
 

@@ -20,8 +20,11 @@ def add_parser(subparsers) -> None:
         description="Describe images. Results go to --out as JSONL, one record per image and method setting; "
                     "a rerun with the same --out skips what is already there. Exit status: 0 all described, "
                     "1 some images could not be read (recorded as errors), 2 bad input.")
-    p.add_argument("input", help="an image file, a folder of images, or a JSONL manifest "
-                                 "(one {\"image\": path, \"id\"?: ..., \"prompt\"?: ...} per line)")
+    p.add_argument("input", nargs="?", help="an image file, a folder of images, or a JSONL manifest "
+                                            "(one {\"image\": path, \"id\"?: ..., \"prompt\"?: ...} per line)")
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="describe N held-out synthetic scenes instead of INPUT; mentioned objects are marked "
+                        "[word ✓] when the scene has them and [word ✗] when it does not")
     p.add_argument("--out", help="results JSONL (appended to; resumable). Without it captions are only printed.")
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -43,18 +46,21 @@ def run(args: argparse.Namespace) -> int:
     from neverfade.api import DEFAULT_PROMPT
     from neverfade.cli import UserError
     from neverfade.data.images import ImageError, InputError, load_image, read_items
+    from neverfade.data.samples import sample_scene_items
     from neverfade.methods import ParameterError, build_methods
 
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if (args.input is None) == (args.samples is None):
+        raise UserError("give either INPUT or --samples N")
     try:
-        items = read_items(args.input)
-        if len(items) == 1 and not args.input.endswith((".jsonl", ".json")):
+        items = sample_scene_items(args.samples) if args.samples else read_items(args.input)
+        if args.input and len(items) == 1 and not args.input.endswith((".jsonl", ".json")):
             load_image(items[0].image)  # a single bad image is bad input, not a record
         names, params = method_choice(args)
         build_methods(names, params)  # fail on bad methods before loading a model
-    except (InputError, ImageError, ParameterError) as err:
+    except (InputError, ImageError, ParameterError, ValueError) as err:
         raise UserError(str(err)) from None
 
     captioner = _load(args, names, params)
@@ -100,6 +106,7 @@ def _caption_all(captioner, items, runs, prompt, generate, args, results, show, 
     for start in range(0, len(items), args.batch_size):
         batch = items[start:start + args.batch_size]
         images: dict[str, Any] = {}
+        shown: dict[str, list[str]] = {}
         for methods, described, run_id in runs:
             pending = [it for it in batch if results is None or (it.id, run_id) not in results.done]
             if not pending:
@@ -124,15 +131,34 @@ def _caption_all(captioner, items, runs, prompt, generate, args, results, show, 
             failed.update(r["id"] for r in records if r["error"] is not None)
             if results is not None:
                 results.append(records)
-            if show:
-                for r in records:
-                    label = "+".join(m["name"] for m in described) or "baseline"
-                    tqdm.write(f"[{r['id']}] {label}: {r['caption'] if r['error'] is None else 'ERROR ' + r['error']}")
+            by_id = {r["id"]: r for r in records}
+            for item in pending:
+                shown.setdefault(item.id, [_header(item)]).append(_shown(item, by_id[item.id], described))
             bar.update(len(records))
+        if show:
+            for lines in shown.values():
+                tqdm.write("\n".join(lines) + "\n")
     bar.close()
     if failed:
         print(f"{len(failed)} images could not be read; their records hold the error", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def _header(item) -> str:
+    objects = item.meta.get("objects")
+    return f"== {item.id}" + (f" (objects present: {', '.join(objects)})" if objects is not None else "")
+
+
+def _shown(item, record, described) -> str:
+    label = "+".join(m["name"] for m in described) or "baseline"
+    if record["error"] is not None:
+        return f"  {label}: ERROR {record['error']}"
+    text = record["caption"]
+    if "objects" in item.meta:
+        from neverfade.data.samples import mark_objects
+
+        text = mark_objects(text, item.meta["objects"])
+    return f"  {label}: {text}"
 
 
 def _record(item, model: str, methods, run_id: str, caption=None, error: str | None = None) -> dict[str, Any]:
