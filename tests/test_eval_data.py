@@ -78,3 +78,24 @@ def test_docci_split_and_sampling(tmp_path):
         docci(path)
     with pytest.raises(AnnotationError, match="no such file"):
         docci(Path(tmp_path / "missing.jsonl"))
+
+
+def test_manifests_for_the_caption_command(tmp_path, capsys):
+    from neverfade.cli import main
+    from neverfade.data.images import read_items
+
+    root = write_coco(tmp_path / "ann", IMAGES)
+    out = tmp_path / "m" / "coco.jsonl"
+    assert main(["eval", "manifest", "coco", "--annotations", str(root), "--images", str(tmp_path / "val2014"),
+                 "--n", "3", "--seed", "1", "--out", str(out)]) == 0
+    items = read_items(out)
+    assert [it.id for it in items] == [it.id for it in coco2014(root, "", n=3, seed=1)]
+    assert items[0].image == str(tmp_path / "val2014" / file_name(int(items[0].id)))
+    iiw = write_jsonl(tmp_path / "iiw.jsonl", [{"image/key": f"k{i}", "IIW": "d"} for i in range(6)])
+    assert main(["eval", "manifest", "iiw", "--annotations", str(iiw), "--images", "imgs", "--n", "4",
+                 "--out", str(out)]) == 0
+    ids = [it.id for it in read_items(out)]
+    assert len(ids) == 4 and ids == sorted(ids) and set(ids) <= {f"k{i}" for i in range(6)}
+    assert main(["eval", "manifest", "iiw", "--annotations", str(iiw), "--images", "imgs", "--n", "7",
+                 "--out", str(out)]) == 2
+    assert "iiw.jsonl: 7 records asked for, 6 found" in capsys.readouterr().err

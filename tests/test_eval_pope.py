@@ -221,3 +221,20 @@ def test_cli_build_names_the_file_when_too_few_images(tmp_path, capsys):
     assert main(["eval", "pope", "build", "--coco", str(root), "--out-dir", str(tmp_path)]) == 2
     assert "instances_val2014.json: only 1 images have 3 or more" in capsys.readouterr().err
 
+
+
+def test_cli_answers_with_a_tiny_random_model_and_resumes(questions_and_images, capsys):
+    questions, images = questions_and_images
+    qfile = write_jsonl(images / "q.jsonl", questions)
+    out = images / "answers.jsonl"
+    args = ["eval", "pope", "answer", str(qfile), "--images", str(images), "--model", "random:llava",
+            "--method", "sparc", "--out", str(out), "--max-new-tokens", "3", "--batch-size", "4"]
+    assert main(args) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+    assert all(a["prediction"] == pope.parse_answer(a["answer"]) for a in answers)
+    assert {a["model"] for a in answers} == {"random:llava"}
+    assert {a["methods"][0]["name"] for a in answers} == {"sparc"}
+    assert main(args) == 0  # resumed: nothing left to answer
+    assert "12 of 12 questions already answered" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 12

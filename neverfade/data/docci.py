@@ -10,11 +10,10 @@ The image is `<images_dir>/<image file>`; meta["references"] = [description], me
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from neverfade.data.coco import AnnotationError, read_jsonl
-from neverfade.data.iiw import field
+from neverfade.data.iiw import field, sample
 from neverfade.data.items import Item
 
 ID_FIELDS = ("example_id", "id")
@@ -39,9 +38,4 @@ def docci(path: str | Path, images_dir: str | Path = "", split: str | None = "te
     if not items:
         found = ", ".join(sorted(str(s) for s in splits)) or "none"
         raise AnnotationError(f"{path}: no records" + (f" of split {split!r} (splits found: {found})" if split else ""))
-    if n is not None:
-        if n > len(items):
-            raise AnnotationError(f"{path}: {n} records asked for, {len(items)} found")
-        keep = set(random.Random(seed).sample(range(len(items)), n))
-        items = [item for i, item in enumerate(items) if i in keep]
-    return items
+    return sample(path, items, n, seed)

@@ -9,6 +9,7 @@ and the image is `<images_dir>/<name>`. Item.id is the name without extension; m
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from neverfade.data.coco import AnnotationError, read_jsonl
@@ -27,7 +28,8 @@ def field(path: str | Path, number: int, record: dict, names: tuple[str, ...], w
     raise AnnotationError(f"{path}: line {number} has no {what} (looked for {', '.join(names)})")
 
 
-def iiw400(path: str | Path, images_dir: str | Path = "") -> list[Item]:
+def iiw400(path: str | Path, images_dir: str | Path = "", n: int | None = None, seed: int = 0) -> list[Item]:
+    """The records, `n` of them drawn by `seed` (None: all), in file order."""
     items = []
     for number, record in read_jsonl(path):
         name = field(path, number, record, NAME_FIELDS, "image name")
@@ -36,4 +38,14 @@ def iiw400(path: str | Path, images_dir: str | Path = "") -> list[Item]:
                           meta={"references": [field(path, number, record, TEXT_FIELDS, "description")]}))
     if not items:
         raise AnnotationError(f"{path}: no records")
-    return items
+    return sample(path, items, n, seed)
+
+
+def sample(path: str | Path, items: list[Item], n: int | None, seed: int) -> list[Item]:
+    """`n` of `items` drawn without replacement by `seed`, in their original order; all of them when n is None."""
+    if n is None:
+        return items
+    if n > len(items):
+        raise AnnotationError(f"{path}: {n} records asked for, {len(items)} found")
+    keep = set(random.Random(seed).sample(range(len(items)), n))
+    return [item for i, item in enumerate(items) if i in keep]

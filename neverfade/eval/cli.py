@@ -17,6 +17,7 @@ EVAL_COMMANDS = {
     "chair": "neverfade.eval.cli:add_chair",
     "pope": "neverfade.eval.cli:add_pope",
     "clair": "neverfade.eval.cli:add_clair",
+    "manifest": "neverfade.eval.cli:add_manifest",
 }
 
 
@@ -276,3 +277,44 @@ def run_clair(args) -> int:
                                n_boot=args.bootstrap, seed=args.seed) for run in captions.load_runs(path)]
 
     return _run(args, "clair", compute, clair.TABLE_COLUMNS)
+
+
+# --- manifests of the papers' image sets --------------------------------------------------------------------------
+
+def add_manifest(eval_subparsers) -> None:
+    parser = eval_subparsers.add_parser(
+        "manifest", help="write a manifest of COCO, IIW-400 or DOCCI images for `neverfade caption`",
+        description="Write a JSONL manifest ({\"id\", \"image\"} a line, absolute paths) of a dataset's images, "
+                    "so that `neverfade caption MANIFEST` describes them under the ids the metrics expect.")
+    parser.add_argument("dataset", choices=["coco", "iiw", "docci"])
+    parser.add_argument("--annotations", required=True, help="coco: the annotations folder; iiw: IIW-400 "
+                                                             "data.jsonl; docci: docci_descriptions.jsonlines")
+    parser.add_argument("--images", required=True, metavar="DIR", help="folder of the dataset's images")
+    parser.add_argument("--n", type=int, help="images drawn by --seed (coco default 500, the papers' sample; "
+                                              "others default all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", help="coco: val (default) or train; docci: test (default), train, ... or all")
+    parser.add_argument("--out", required=True, help="manifest JSONL to write")
+    parser.set_defaults(func=run_manifest)
+
+
+def run_manifest(args) -> int:
+    images = os.path.abspath(args.images)
+    if args.dataset == "coco":
+        from neverfade.data.coco import coco2014
+
+        items = coco2014(args.annotations, images, 500 if args.n is None else args.n, args.seed, args.split or "val")
+    elif args.dataset == "iiw":
+        from neverfade.data.iiw import iiw400
+
+        items = iiw400(args.annotations, images, args.n, args.seed)
+    else:
+        from neverfade.data.docci import docci
+
+        items = docci(args.annotations, images, None if args.split == "all" else (args.split or "test"), args.n,
+                      args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": item.id, "image": item.image}) + "\n" for item in items)
+    print(f"{args.out}: {len(items)} images")
+    return 0
