@@ -211,3 +211,11 @@ def test_cli_scores_saves_reasons_and_reuses_the_cache(server, tmp_path, capsys,
     assert {r["auth"] for r in server.requests} == {"Bearer sk-env"} and len(server.requests) == 4
     assert main(args) == 0
     assert len(server.requests) == 4
+
+
+def test_caption_ids_that_are_image_file_names_find_their_references(server, tmp_path):
+    path = write_jsonl(tmp_path / "caps.jsonl", [{"id": "im3.jpg", "caption": "c"}])
+    result = clair.evaluate(captions.load(path), REFERENCES, judge(server), clair.AnswerCache(tmp_path / "c.jsonl"),
+                            n_boot=0)
+    assert result["per_caption"][0]["id"] == "im3.jpg"
+    assert "- reference 3\n" in server.requests[0]["body"]["messages"][0]["content"]

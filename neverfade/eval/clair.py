@@ -85,8 +85,11 @@ def _retry_after(headers) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        pass
+    try:  # an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 class _Transient(Exception):
@@ -123,7 +126,8 @@ class Judge:
             detail = err.read()[:300].decode("utf-8", "replace")
             if err.code == 429 or err.code >= 500:
                 raise _Transient(f"HTTP {err.code}", _retry_after(err.headers)) from None
-            raise JudgeError(f"judge at {self.url} answered HTTP {err.code}: {detail}") from None
+            hint = " (no API key was given)" if err.code in (401, 403) and not self.api_key else ""
+            raise JudgeError(f"judge at {self.url} answered HTTP {err.code}{hint}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
         try:
@@ -220,7 +224,8 @@ def metrics(sums: np.ndarray) -> dict[str, np.ndarray]:
 def evaluate(captions: Captions, references: dict[str, list[str]], judge: Judge, cache: AnswerCache,
              concurrency: int = 8, tries: int = 3, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Mean CLAIR over the captions, a bootstrap CI over images, and each caption's score and reason."""
-    missing = [key for key in captions.records if key not in references]
+    reference_of = {key: references.get(key, references.get(Path(key).stem)) for key in captions.records}
+    missing = [key for key, refs in reference_of.items() if refs is None]  # ids may be image file names
     if missing:
         raise AnnotationError(f"{captions.path}: {len(missing)} caption id(s) have no reference "
                               f"(first: {missing[0]!r})")
@@ -229,7 +234,7 @@ def evaluate(captions: Captions, references: dict[str, list[str]], judge: Judge,
     scored: dict[str, dict[str, Any]] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
-        futures = {pool.submit(score_one, judge, cache, [captions.records[k]["caption"]], references[k], tries): k
+        futures = {pool.submit(score_one, judge, cache, [captions.records[k]["caption"]], reference_of[k], tries): k
                    for k in keys}
         for future in tqdm(as_completed(futures), total=len(futures), desc="CLAIR", unit="caption"):
             scored[futures[future]] = future.result()

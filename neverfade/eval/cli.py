@@ -74,14 +74,10 @@ def _run(args, metric: str, compute: Callable[[str], list[dict[str, Any]]], colu
     labelled: dict[str, dict[str, Any]] = {}
     for path, label in zip(paths, report.unique_labels(paths)):
         results = _saved_results(path, metric) or compute(path)
-        subs = [method_label(r.get("methods")) for r in results]
-        if len(set(subs)) < len(subs):
-            subs = [f"{Path(str(r.get('captions') or r.get('answers'))).stem}:{sub}" for r, sub in zip(results, subs)]
-        for result, sub in zip(results, subs):
-            name = f"{label}:{sub}" if len(results) > 1 else label
-            while name in labelled:
-                name += "'"
-            labelled[name] = result
+        for result in results:
+            name = f"{label}:{method_label(result.get('methods'))}" if len(results) > 1 else label
+            copies = sum(1 for other in labelled if other == name or other.startswith(name + " #"))
+            labelled[f"{name} #{copies + 1}" if copies else name] = result
     print(report.table(labelled, columns))
     drawn = {label: r for label, r in labelled.items() if r.get("draws")}
     if drawn:
@@ -129,7 +125,7 @@ def run_chair(args) -> int:
 
     truth = []
 
-    def compute(path: str) -> dict[str, Any]:
+    def compute(path: str) -> list[dict[str, Any]]:
         if not args.coco:
             raise _user_error("--coco DIR is needed to score caption files")
         if not truth:
@@ -202,6 +198,9 @@ def run_pope_answer(args) -> int:
     from neverfade.eval import pope
     from neverfade.results import ResultsFile
 
+    for name in ("batch_size", "max_new_tokens", "caption_tokens"):
+        if getattr(args, name) < 1:
+            raise _user_error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     questions = pope.read_questions(args.questions)
     try:
         answers = ResultsFile(args.out)  # appended to, fsynced per record; a torn last line is cut
@@ -229,7 +228,7 @@ def run_pope_score(args) -> int:
     if args.questions:
         labels = {q["question_id"]: q["label"] for q in pope.read_questions(args.questions)}
 
-    def compute(path: str) -> dict[str, Any]:
+    def compute(path: str) -> list[dict[str, Any]]:
         try:
             result = pope.score((r for _, r in read_jsonl(path)), labels, n_boot=args.bootstrap, seed=args.seed)
         except ValueError as err:
@@ -252,7 +251,8 @@ def add_clair(eval_subparsers) -> None:
                         help="IIW-400 or DOCCI JSONL, or JSONL of {\"id\", \"references\": [...]}")
     parser.add_argument("--judge-url", default="https://api.openai.com/v1", help="endpoint base URL")
     parser.add_argument("--judge-model", default="gpt-4o", help="judge model (default gpt-4o, as the SPARC paper)")
-    parser.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    parser.add_argument("--key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the key (unset: no Authorization header)")
     parser.add_argument("--concurrency", type=int, default=8, help="judge calls at once (default 8)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per judge call (default 120)")
     parser.add_argument("--retries", type=int, default=6, help="retries on 429/5xx/time-outs (default 6)")
@@ -268,7 +268,7 @@ def run_clair(args) -> int:
     cache = clair.AnswerCache(args.cache or chair.default_cache_dir() / "clair" / "judge-answers.jsonl")
     references = []
 
-    def compute(path: str) -> dict[str, Any]:
+    def compute(path: str) -> list[dict[str, Any]]:
         if not args.references:
             raise _user_error("--references FILE is needed to score caption files")
         if not references:
