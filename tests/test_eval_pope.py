@@ -1,6 +1,5 @@
 import json
 import random
-from collections import Counter
 from dataclasses import dataclass
 
 import pytest
