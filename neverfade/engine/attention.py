@@ -1,7 +1,7 @@
 """The one attention function neverfade registers with transformers.
 
-Prefill runs the stock SDPA kernel; a method that watches the prompt's last position gets that one row computed
-explicitly beside it. A decode step runs SDPA in layers no method touches, and in the others one explicit attention
+Prefill runs the stock SDPA kernel; in a layer where a method acts on the prompt's last position (the row that
+predicts the first token), that one row is computed explicitly and replaces SDPA's. A decode step runs SDPA in layers no method touches, and in the others one explicit attention
 row (the query is a single token, so this is two small matmuls and a softmax over the keys).
 """
 
@@ -15,10 +15,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "neverfade"
 
 
-def attention_row(query, key, value, attention_mask, scaling, layer, methods, batch, *, apply=True):
-    """One query token's attention through the methods. query (B, H, 1, D); key, value (B, KVH, T, D).
-
-    Returns the output (B, 1, H, D), or None when apply=False (the methods only observe)."""
+def attention_row(query, key, value, attention_mask, scaling, layer, methods, batch):
+    """One query token's attention through the methods: query (B, H, 1, D); key, value (B, KVH, T, D);
+    returns the output (B, 1, H, D)."""
     b, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(b, kv_heads, heads // kv_heads, dim)  # heads of one KV head together
@@ -34,8 +33,6 @@ def attention_row(query, key, value, attention_mask, scaling, layer, methods, ba
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     for m in methods:
         m.observe(layer, probs, batch)
-    if not apply:
-        return None
     for m in methods:
         probs = m.reweight(layer, probs, batch)
     out = torch.matmul(probs.to(value.dtype), value)  # (B, KVH, G, D)

@@ -81,9 +81,10 @@ class Engine:
             methods = self.decode_layers[layer]
             if methods:
                 return attention.attention_row(query, key, value, attention_mask, scaling, layer, methods, batch), None
-        elif batch is not None and self.prefill_layers[layer]:
-            keys = key if attention_mask is not None else key[:, :, : query.shape[2]]
-            attention.attention_row(query[:, :, -1:], keys, value, attention_mask, scaling, layer,
-                                    self.prefill_layers[layer], batch, apply=False)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                        **kwargs)
+        if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
+            keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys
+            out[:, -1:] = attention.attention_row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask,
+                                                  scaling, layer, self.prefill_layers[layer], batch)
+        return out, None

@@ -80,6 +80,21 @@ class Method:
             if getattr(self, p.name) is None and not p.optional:
                 raise ParameterError(f"{self.name}: no default for {p.name} on {info.family.name}; set it explicitly")
 
+    def check_layer_range(self, info: ModelInfo, *singles: str) -> None:
+        """Resolve `end` (default: the last layer) and check `start`, `end` and the named layer parameters."""
+        last = info.num_layers - 1
+        if self.end is None:
+            self.end = last
+        for key in ("start", "end", *singles):
+            if getattr(self, key) > last:
+                raise ParameterError(f"{self.name}: {key} {getattr(self, key)} is beyond the model's depth "
+                                     f"({info.num_layers} layers: 0..{last})")
+        if self.start > self.end:
+            raise ParameterError(f"{self.name}: start ({self.start}) is after end ({self.end})")
+
+    def layer_range(self) -> set[int]:
+        return set(range(self.start, self.end + 1))
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.values}
 
@@ -89,7 +104,7 @@ class Method:
         return set()
 
     def prefill_layers(self, num_layers: int) -> set[int]:
-        """Layers whose last prefill row this method observes (it is not edited there)."""
+        """Layers whose last prefill row (the one predicting the first token) this method observes or edits."""
         return set()
 
     def begin_batch(self, batch: Batch) -> None:
@@ -109,3 +124,17 @@ class Method:
 
     def logits_processors(self) -> list:
         return []
+
+
+def start_param(default: int, source: str) -> Param:
+    return Param("start", default, "first layer the method acts in (0-indexed)", source, type=int, minimum=0)
+
+
+def end_param(source: str) -> Param:
+    return Param("end", None, "last layer the method acts in (inclusive); default the last layer", source,
+                 type=int, minimum=0, optional=True)
+
+
+def per_key(multiplier: torch.Tensor, keys: int, fill: float = 1.0) -> torch.Tensor:
+    """A (B, P) per-prompt-key tensor extended with `fill` to `keys` keys, shaped to broadcast over (B, KVH, G, T)."""
+    return torch.nn.functional.pad(multiplier, (0, keys - multiplier.shape[-1]), value=fill)[:, None, None, :]

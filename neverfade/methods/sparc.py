@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, ParameterError, register
+from neverfade.methods.base import Method, Param, end_param, per_key, register, start_param
 
 
 @register
@@ -29,25 +29,16 @@ class SPARC(Method):
         Param("layer", None, "selection layer, 0-indexed",
               "paper per family: 20 of 32 (LLaVA-1.5, LLaVA-NeXT), 18 of 28 (Qwen2-VL); other depths: same "
               "relative depth", type=int, minimum=0),
-        Param("start", 0, "first calibrated layer", "paper: all layers", type=int, minimum=0),
-        Param("end", None, "last calibrated layer (inclusive); default the last layer", "paper: all layers",
-              type=int, minimum=0, optional=True),
+        start_param(0, "paper: all layers are calibrated"),
+        end_param("paper: all layers are calibrated"),
     )
 
     def bind(self, info):
         super().bind(info)
-        last = info.num_layers - 1
-        if self.end is None:
-            self.end = last
-        for key in ("layer", "start", "end"):
-            if getattr(self, key) > last:
-                raise ParameterError(
-                    f"sparc: {key} {getattr(self, key)} is beyond the model's depth ({info.num_layers} layers: 0..{last})")
-        if self.start > self.end:
-            raise ParameterError(f"sparc: start ({self.start}) is after end ({self.end})")
+        self.check_layer_range(info, "layer")
 
     def decode_layers(self, num_layers):
-        return set(range(self.start, self.end + 1)) | {self.layer}
+        return self.layer_range() | {self.layer}
 
     def prefill_layers(self, num_layers):
         return {self.layer}
@@ -78,9 +69,4 @@ class SPARC(Method):
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.start <= layer <= self.end:
             return weights
-        return weights * pad_ones(self.weight, weights.shape[-1])[:, None, None, :]
-
-
-def pad_ones(multiplier: torch.Tensor, length: int) -> torch.Tensor:
-    """A (B, P) per-key multiplier extended with ones to `length` keys (the generated tokens)."""
-    return torch.nn.functional.pad(multiplier, (0, length - multiplier.shape[-1]), value=1.0)
+        return weights * per_key(self.weight, weights.shape[-1])

@@ -14,19 +14,22 @@ class Family:
     name: str
     paper_layers: int  # depth of the model the paper's defaults were tuned on (7B)
     method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
-    validated: bool = True  # False: the defaults are our extrapolation, not a paper's
+    unvalidated: frozenset[str] = frozenset()  # methods whose defaults here are our extrapolation, not a paper's
 
 
 FAMILIES: dict[str, Family] = {
     "LlavaForConditionalGeneration": Family(
-        "llava-1.5", 32, {"sparc": {"layer": 20, "tau": 1.5}}),
+        "llava-1.5", 32, {"sparc": {"layer": 20, "tau": 1.5}, "locore": {"beta": 0.15}}),
+    # LocoRE's paper has no LLaVA-NeXT: LLaVA-1.5's gain, unvalidated.
     "LlavaNextForConditionalGeneration": Family(
-        "llava-next", 32, {"sparc": {"layer": 20, "tau": 4.0}}),
+        "llava-next", 32, {"sparc": {"layer": 20, "tau": 4.0}, "locore": {"beta": 0.15}},
+        unvalidated=frozenset({"locore"})),
     "Qwen2VLForConditionalGeneration": Family(
-        "qwen2-vl", 28, {"sparc": {"layer": 18, "tau": 3.0}}),
-    # Not in the SPARC paper: Qwen2-VL's values, unvalidated.
+        "qwen2-vl", 28, {"sparc": {"layer": 18, "tau": 3.0}, "locore": {"beta": 0.20}}),
+    # In neither paper: Qwen2-VL's values, unvalidated.
     "Qwen2_5_VLForConditionalGeneration": Family(
-        "qwen2.5-vl", 28, {"sparc": {"layer": 18, "tau": 3.0}}, validated=False),
+        "qwen2.5-vl", 28, {"sparc": {"layer": 18, "tau": 3.0}, "locore": {"beta": 0.20}},
+        unvalidated=frozenset({"sparc", "locore"})),
 }
 
 

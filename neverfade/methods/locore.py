@@ -1,0 +1,42 @@
+"""LocoRE, Local Coherence Reinforcement (Alg. 2 of "LVLMs-Saliency"): reinforce attention to recent outputs.
+
+At each decode step the newest token's attention weights to the `window` generated tokens before it (its own key
+excluded; prompt and image keys untouched) are multiplied by 1 + beta, without renormalisation, in layers
+[start, end] (the paper: every layer and head)."""
+
+from __future__ import annotations
+
+import torch
+
+from neverfade.engine.batch import Batch
+from neverfade.methods.base import Method, Param, end_param, register, start_param
+
+
+@register
+class LocoRE(Method):
+    name = "locore"
+    summary = "Reinforce attention to the last few generated tokens (LocoRE)."
+    params = (
+        Param("beta", None, "gain: weights to recent outputs are multiplied by 1 + beta",
+              "paper per family: LLaVA-1.5 0.15, Qwen2-VL 0.20 (LLaVA-NeXT, Qwen2.5-VL: unvalidated)", minimum=0.0),
+        Param("window", 8, "how many of the most recent generated tokens are reinforced",
+              "our choice: the paper leaves w_s open; 8 tokens is about one phrase", type=int, minimum=1),
+        start_param(0, "paper: every layer"),
+        end_param("paper: every layer"),
+    )
+
+    def bind(self, info):
+        super().bind(info)
+        self.check_layer_range(info)
+
+    def decode_layers(self, num_layers):
+        return self.layer_range()
+
+    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self.start <= layer <= self.end or batch.step < 2:
+            return weights
+        query = batch.prompt_len + batch.step - 1  # cache index of the token fed at this step
+        first = max(batch.prompt_len, query - self.window)
+        gain = torch.ones(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+        gain[first:query] = 1.0 + self.beta
+        return weights * gain

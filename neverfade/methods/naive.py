@@ -1,0 +1,40 @@
+"""Naive attention scaling: every image token's attention weight times a constant (the SPARC paper's eq. 3 foil).
+
+Applied without renormalisation from the prompt's last position on, in layers [start, end]."""
+
+from __future__ import annotations
+
+import torch
+
+from neverfade.engine.batch import Batch
+from neverfade.methods.base import Method, Param, end_param, per_key, register, start_param
+
+
+@register
+class Naive(Method):
+    name = "naive"
+    summary = "Scale all image attention by a constant (no selection, no progression)."
+    params = (
+        Param("alpha", 1.2, "multiplier on every image token's attention weight",
+              "our choice: the SPARC paper tunes its naive baseline without stating the value", minimum=0.0),
+        start_param(2, "our choice: PAI's layers [2, N)"),
+        end_param("our choice: PAI's layers [2, N)"),
+    )
+
+    def bind(self, info):
+        super().bind(info)
+        self.check_layer_range(info)
+
+    def decode_layers(self, num_layers):
+        return self.layer_range()
+
+    def prefill_layers(self, num_layers):
+        return self.layer_range()
+
+    def begin_batch(self, batch: Batch) -> None:
+        self.scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
+
+    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self.start <= layer <= self.end:
+            return weights
+        return weights * per_key(self.scale, weights.shape[-1])
