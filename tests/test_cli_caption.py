@@ -1,7 +1,6 @@
 """`neverfade caption` end to end: bad images inside a folder, bad input as a whole, interruption and resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -129,7 +128,6 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path, capsys, case):
 
         LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, vocab_size=64)).save_pretrained(tmp_path / "llama")
-        from transformers import AutoTokenizer  # noqa: F401  (a text-only model: no processor either)
     subst = {"EMPTY": tmp_path / "empty", "CORRUPT": tmp_path / "bad.png", "GOOD": tmp_path / "good.png",
              "MANIFEST": tmp_path / "m.jsonl", "UNSUPPORTED": tmp_path / "llama"}
     args = [str(subst.get(a, a)) for a in args]

@@ -6,10 +6,9 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from typing import Any
 
-from neverfade.commands.options import add_method_options, add_model_options, method_choice
+from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
 
 EXIT_SOME_FAILED = 1
 
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ImageError, ParameterError, ValueError) as err:
         raise UserError(str(err)) from None
 
-    captioner = _load(args, names, params)
+    captioner = load_captioner(args, names, params)
     settings = [names] + ([["baseline"]] if args.vs_baseline and names != ["baseline"] else [])
     prompt = args.prompt or DEFAULT_PROMPT
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
@@ -173,28 +172,3 @@ def _record(item, model: str, methods, run_id: str, caption=None, error: str | N
 def _run_id(model: str, methods, prompt: str, generate: dict) -> str:
     key = json.dumps({"model": model, "methods": methods, "prompt": prompt, **generate}, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:12]
-
-
-def _load(args, names, params):
-    from neverfade.api import load
-    from neverfade.cli import UserError
-    from neverfade.methods import ParameterError
-    from neverfade.models.families import UnsupportedModel
-
-    _quiet_transformers()
-    started = time.perf_counter()
-    try:
-        captioner = load(args.model, names, params, device=args.device, dtype=args.dtype)
-    except (ParameterError, UnsupportedModel, FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from None
-    except OSError as err:
-        raise UserError(f"cannot load model {args.model!r}: {str(err).splitlines()[0]}") from None
-    print(f"loaded {captioner.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    return captioner
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from typing import Any
 
 from neverfade.methods import BASELINE, METHODS
@@ -38,3 +40,29 @@ def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[s
             _, method, name = key.split("__", 2)
             params.setdefault(method, {})[name] = value
     return list(args.method) or [BASELINE], params
+
+
+def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str, dict[str, Any]]):
+    """The model named by --model with the methods attached; load problems become one-line user errors."""
+    from neverfade.api import load
+    from neverfade.cli import UserError
+    from neverfade.methods import ParameterError
+    from neverfade.models.families import UnsupportedModel
+
+    quiet_transformers()
+    started = time.perf_counter()
+    try:
+        captioner = load(args.model, names, params, device=args.device, dtype=args.dtype)
+    except (ParameterError, UnsupportedModel, FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(f"cannot load model {args.model!r}: {str(err).splitlines()[0]}") from None
+    print(f"loaded {captioner.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return captioner
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()

@@ -7,7 +7,6 @@ positions are image tokens from `input_ids`) and counts decode steps. Nothing in
 
 from __future__ import annotations
 
-import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from neverfade.engine import attention

@@ -193,8 +193,7 @@ def run_pope_build(args) -> int:
 
 
 def run_pope_answer(args) -> int:
-    from neverfade.commands.caption import _load
-    from neverfade.commands.options import method_choice
+    from neverfade.commands.options import load_captioner, method_choice
     from neverfade.eval import pope
     from neverfade.results import ResultsFile
 
@@ -211,7 +210,7 @@ def run_pope_answer(args) -> int:
     print(f"{len(questions) - len(todo)} of {len(questions)} questions already answered in {args.out}")
     if not todo:
         return 0
-    captioner = _load(args, *method_choice(args))
+    captioner = load_captioner(args, *method_choice(args))
     described = {"model": captioner.name, "methods": captioner.describe()}
     for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

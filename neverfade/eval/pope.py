@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from neverfade.data import coco
+from neverfade.data.images import load_image
 from neverfade.data.coco import AnnotationError
 from neverfade.eval import report
 
@@ -115,13 +116,6 @@ def parse_answer(text: str) -> str:
     return "no" if {"No", "no", "not"} & set(first.split(" ")) else "yes"
 
 
-def _load_image(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 def answer(captioner, questions: list[dict[str, Any]], images_dir: str | Path, caption_first: bool = False,
            batch_size: int = 8, max_new_tokens: int = 32, caption_tokens: int = 512) -> Iterator[dict[str, Any]]:
     """Each question with the model's "answer" (raw text) and "prediction" (yes/no), in batches, as they finish.
@@ -133,7 +127,7 @@ def answer(captioner, questions: list[dict[str, Any]], images_dir: str | Path, c
     captions: dict[str, str] = {}
     for start in tqdm(range(0, len(questions), batch_size), desc="POPE", unit="batch"):
         batch = questions[start : start + batch_size]
-        images = [_load_image(images_dir / q["image"]) for q in batch]
+        images = [load_image(images_dir / q["image"]) for q in batch]
         if caption_first:
             todo = {q["image"]: image for q, image in zip(batch, images) if q["image"] not in captions}
             if todo:
