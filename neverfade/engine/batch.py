@@ -1,8 +1,12 @@
-"""The per-batch decoding state the engine shares with methods: tensors, plus the step counter."""
+"""The per-batch decoding state the engine shares with methods: tensors, plus the step counter.
+
+One Batch per KV cache: a decoding loop with two branches (VCD's noised image, PAI's image-free prompt) has a cache,
+and so a Batch, for each, and every method keeps its per-sequence tensors in the Batch it is called with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -11,6 +15,7 @@ import torch
 class Batch:
     image_mask: torch.Tensor  # (B, P) bool: which prompt keys are image tokens, per sequence (left padding included)
     step: int = 0  # 0 while the prompt is prefilled; t at decode step t
+    _state: dict[str, SimpleNamespace] = field(default_factory=dict)
 
     @property
     def prompt_len(self) -> int:
@@ -19,3 +24,7 @@ class Batch:
     @property
     def size(self) -> int:
         return self.image_mask.shape[0]
+
+    def state(self, method) -> SimpleNamespace:
+        """The method's own per-sequence tensors for this batch."""
+        return self._state.setdefault(method.name, SimpleNamespace())

@@ -7,6 +7,8 @@ positions are image tokens from `input_ids`) and counts decode steps. Nothing in
 
 from __future__ import annotations
 
+import weakref
+
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from neverfade.engine import attention
@@ -25,7 +27,8 @@ class Engine:
         n = self.info.num_layers
         self.decode_layers = [[m for m in self.methods if layer in m.decode_layers(n)] for layer in range(n)]
         self.prefill_layers = [[m for m in self.methods if layer in m.prefill_layers(n)] for layer in range(n)]
-        self.batch: Batch | None = None
+        self.batch: Batch | None = None  # the batch whose forward is running
+        self._batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Batch
         self._hook = None
         self._previous_impl = None
 
@@ -53,21 +56,26 @@ class Engine:
         self.batch = None
 
     def _before_forward(self, module, args, kwargs):
+        """Start a Batch at a prefill, or advance the cache's Batch by one decode step."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        prefill = cache is None or cache.get_seq_length() == 0
-        if prefill:
+        if cache is None or cache.get_seq_length() == 0:
             if input_ids is None:
                 raise ValueError("neverfade needs input_ids at the prefill to find the image tokens")
             self.batch = Batch(image_mask=input_ids == self.info.image_token_id)
+            if cache is not None:
+                self._batches[cache] = self.batch
             for m in self.methods:
                 m.begin_batch(self.batch)
-        elif self.batch is not None:
-            if input_ids is not None and input_ids.shape[0] != self.batch.size:
-                raise RuntimeError("the batch changed size between steps; beam search is not supported")
-            self.batch.step += 1
-            for m in self.methods:
-                m.begin_step(self.batch)
+            return None
+        self.batch = self._batches.get(cache, self.batch)
+        if self.batch is None:
+            return None
+        if input_ids is not None and input_ids.shape[0] != self.batch.size:
+            raise RuntimeError("the batch changed size between steps; beam search is not supported")
+        self.batch.step += 1
+        for m in self.methods:
+            m.begin_step(self.batch)
         return None
 
     # ---- the attention call ----

@@ -32,9 +32,9 @@ class Naive(Method):
         return self.layer_range()
 
     def begin_batch(self, batch: Batch) -> None:
-        self.scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
+        batch.state(self).scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.start <= layer <= self.end:
             return weights
-        return weights * per_key(self.scale, weights.shape[-1])
+        return weights * per_key(batch.state(self).scale, weights.shape[-1])

@@ -33,9 +33,10 @@ class PAI(Method):
         return self.layer_range()
 
     def begin_batch(self, batch: Batch) -> None:
-        self.boost = batch.image_mask.float() * self.alpha
+        batch.state(self).boost = batch.image_mask.float() * self.alpha
 
     def edit_scores(self, layer: int, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.start <= layer <= self.end:
             return scores
-        return scores + per_key(self.boost, scores.shape[-1], fill=0.0).to(scores.dtype) * scores.abs()
+        boost = per_key(batch.state(self).boost, scores.shape[-1], fill=0.0)
+        return scores + boost.to(scores.dtype) * scores.abs()

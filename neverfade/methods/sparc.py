@@ -45,28 +45,30 @@ class SPARC(Method):
 
     def begin_batch(self, batch: Batch) -> None:
         shape, device = batch.image_mask.shape, batch.image_mask.device
-        self.ema = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.weight = torch.ones(shape, dtype=torch.float32, device=device)  # alpha ** times selected
-        self.pending = torch.ones(shape, dtype=torch.float32, device=device)  # this step's selection, applied next
+        state = batch.state(self)
+        state.ema = torch.zeros(shape, dtype=torch.float32, device=device)
+        state.weight = torch.ones(shape, dtype=torch.float32, device=device)  # alpha ** times selected
+        state.pending = torch.ones(shape, dtype=torch.float32, device=device)  # this step's selection, applied next
 
     def begin_step(self, batch: Batch) -> None:
-        self.weight.mul_(self.pending)
-        self.pending.fill_(1.0)
+        state = batch.state(self)
+        state.weight.mul_(state.pending)
+        state.pending.fill_(1.0)
 
     def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
         if layer != self.layer:
             return
-        image = batch.image_mask
+        image, state = batch.image_mask, batch.state(self)
         current = probs.mean(dim=(1, 2))[:, : batch.prompt_len] * image  # (B, P), zero off the image
         if batch.step > 0:
-            rise = (current - self.ema) / torch.where(image, self.ema, 1.0)
+            rise = (current - state.ema) / torch.where(image, state.ema, 1.0)
             selected = image & (rise >= self.tau)
-            self.pending.copy_(torch.where(selected, self.alpha, 1.0))
-            self.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
+            state.pending.copy_(torch.where(selected, self.alpha, 1.0))
+            state.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
         else:
-            self.ema.copy_(current)
+            state.ema.copy_(current)
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.start <= layer <= self.end:
             return weights
-        return weights * per_key(self.weight, weights.shape[-1])
+        return weights * per_key(batch.state(self).weight, weights.shape[-1])
