@@ -82,12 +82,21 @@ class Captioner:
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         start = time.perf_counter()
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+        out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
         seconds = (time.perf_counter() - start) / len(pil)
         new = out[:, inputs["input_ids"].shape[1]:]
         counts = self._count_new_tokens(new)
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
         return [Caption(t.strip(), int(n), seconds) for t, n in zip(texts, counts)]
+
+    def generate(self, **inputs_and_kwargs):
+        """`model.generate` with the attached methods' decoding loop, if one of them has its own."""
+        decoder = self.engine.custom_generate() if self.engine is not None else None
+        if decoder is not None:
+            inputs_and_kwargs.setdefault("custom_generate", decoder)
+            inputs_and_kwargs.setdefault("neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items()
+                                                              if isinstance(v, torch.Tensor)})
+        return self.model.generate(**inputs_and_kwargs)
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
         """Generated tokens up to and including the first end-of-sequence token."""

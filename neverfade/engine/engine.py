@@ -32,6 +32,10 @@ class Engine:
         self._hook = None
         self._previous_impl = None
 
+    def custom_generate(self):
+        """The decoding loop to pass as `generate(custom_generate=...)`, or None for generate's own."""
+        return next((m.decoder() for m in self.methods if m.strategy), None)
+
     # ---- attaching ----
     def attach(self) -> "Engine":
         attention.register()

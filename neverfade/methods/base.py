@@ -58,6 +58,7 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
+    strategy: ClassVar[str | None] = None  # a decoding strategy of its own ("contrast", "rejection", "beam")
 
     def __init__(self, **values: Any):
         known = {p.name: p for p in self.params}
@@ -124,6 +125,16 @@ class Method:
 
     def logits_processors(self) -> list:
         return []
+
+    def decoder(self):
+        """The decoding loop for `generate(custom_generate=...)`, for methods with a strategy."""
+        if self.strategy == "contrast":
+            import functools
+
+            from neverfade.decoding.contrast import contrast_decode
+
+            return functools.partial(contrast_decode, method=self)
+        return None
 
 
 def start_param(default: int, source: str) -> Param:
