@@ -64,7 +64,7 @@ class Captioner:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: SGRS takes gradients inside its loop
     def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
                 do_sample: bool = False, **generate_kwargs) -> list[Caption]:
         """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import weakref
 
+import torch
+
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from neverfade.engine import attention
@@ -21,7 +23,8 @@ class Engine:
     def __init__(self, model, methods: list[Method]):
         self.model = model
         self.info: ModelInfo = model_info(model)
-        self.methods = list(methods)
+        # a decoding strategy (SGRS) sees the attention after every other method's reweighting
+        self.methods = sorted(methods, key=lambda m: m.strategy is not None)
         for m in self.methods:
             m.bind(self.info)
         n = self.info.num_layers
@@ -46,10 +49,12 @@ class Engine:
                 raise RuntimeError("this model already has neverfade methods attached; detach them first")
             module._neverfade_engine = self
         self.model.set_attn_implementation({"text_config": attention.NAME})
+        self.model._neverfade_engine = self
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         return self
 
     def detach(self) -> None:
+        self.model.__dict__.pop("_neverfade_engine", None)
         for module in text_attention_modules(self.model):
             module.__dict__.pop("_neverfade_engine", None)
         if self._hook is not None:
@@ -96,6 +101,7 @@ class Engine:
                                         **kwargs)
         if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
             keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys
-            out[:, -1:] = attention.attention_row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask,
-                                                  scaling, layer, self.prefill_layers[layer], batch)
+            row = attention.attention_row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask,
+                                          scaling, layer, self.prefill_layers[layer], batch)
+            out = torch.cat([out[:, :-1], row], dim=1)  # not in place: SGRS backpropagates through SDPA's output
         return out, None
