@@ -1,5 +1,7 @@
 import os
 
+import torch
+
 import pytest
 from PIL import Image
 
@@ -24,3 +26,13 @@ def make_images():
                      for y in range(h) for x in range(w)])
         images.append(img)
     return images
+
+
+def full_forward_inputs(inputs, ids):
+    """Arguments for a cache-free forward of the whole sequence `ids` (the prompt of `inputs` plus tokens chosen since),
+    as the plain references run it."""
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in inputs:
+        grown = ids.shape[1] - inputs["mm_token_type_ids"].shape[1]
+        kwargs["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, grown))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)

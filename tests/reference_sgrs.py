@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import full_forward_inputs
+
 
 def reference_sgrs(model, inputs, image_token_id, eos_id, steps, alpha, k, tries, window, start, end):
     model.set_attn_implementation({"text_config": "eager"})
@@ -13,13 +15,8 @@ def reference_sgrs(model, inputs, image_token_id, eos_id, steps, alpha, k, tries
     after_image = positions[-1] + 1
     history, chosen, rejected = [], [], 0
     for step in range(steps):
-        extra = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        if "mm_token_type_ids" in inputs:
-            extra["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"],
-                                                                 (0, ids.shape[1] - inputs["mm_token_type_ids"].shape[1]))
         with torch.enable_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, output_attentions=True,
-                        **extra)
+            out = model(**full_forward_inputs(inputs, ids), output_attentions=True)
             logits = out.logits[0, -1].float()
             scores = logits.detach().clone()
             scores[eos_id] = float("-inf")  # min_new_tokens

@@ -136,3 +136,33 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path, capsys, case):
     assert main(["caption", *args, "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("neverfade caption: error:") and message in err, err
+
+
+def _methods():
+    from neverfade.methods import METHODS
+
+    return sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_caption_runs_every_method(tiny_models, tmp_path, method):
+    from neverfade.methods import METHODS
+
+    make_images()[2].save(tmp_path / "one.png")
+    out = tmp_path / "out.jsonl"
+    assert main(["caption", str(tmp_path / "one.png"), "--model", tiny_models["llava"], "--method", method,
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    [record] = read_records(out)
+    [described] = record["methods"]
+    assert described["name"] == method
+    assert set(described["params"]) == {p.name for p in METHODS[method].params}
+    assert 1 <= record["new_tokens"] <= 4 and record["error"] is None
+
+
+def test_boolean_method_flag(tiny_models, tmp_path):
+    make_images()[0].save(tmp_path / "one.png")
+    out = tmp_path / "out.jsonl"
+    assert main(["caption", str(tmp_path / "one.png"), "--model", tiny_models["qwen2_vl"], "--method", "pai",
+                 "--pai-cfg", "--pai-gamma", "1.5", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    params = read_records(out)[0]["methods"][0]["params"]
+    assert params["cfg"] is True and params["gamma"] == 1.5

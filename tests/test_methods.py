@@ -73,7 +73,8 @@ def test_locore_with_sparc_equals_both_references_chained(tiny_models):
 @pytest.mark.parametrize("methods,params,message", [
     (["naive"], {"naive": {"alpha": -1}}, "alpha must be >= 0.0"),
     (["locore"], {"locore": {"window": 0}}, "window must be >= 1"),
-    (["pai"], {"pai": {"gamma": 1.0}}, "pai has no parameter gamma"),
+    (["locore"], {"locore": {"gamma": 1.0}}, "locore has no parameter gamma"),
+    (["pai"], {"pai": {"cfg": "maybe"}}, "cfg must be true or false"),
     (["sparc", "sparc"], None, "listed twice"),
 ])
 def test_impossible_parameters_are_refused(methods, params, message):
@@ -87,3 +88,60 @@ def test_layer_range_is_checked_against_the_model(tiny_models):
     with pytest.raises(ParameterError, match="start .3. is after end .1."):
         neverfade.load(tiny_models["llava"], device="cpu", methods=["pai"],
                        method_params={"pai": {"start": 3, "end": 1}})
+
+
+def reference_pai_cfg(model, inputs, image_token_id, eos_id, alpha, gamma, cfg_cutoff, start, end):
+    """Batch size 1, no cache: the boosted branch with the image and the plain branch without it, every step whole."""
+    import math
+
+    from conftest import full_forward_inputs
+
+    ids = inputs["input_ids"]
+    plain_ids = ids[ids != image_token_id][None]
+    chosen = []
+    for _ in range(STEPS):
+        ReferenceMethods(pai={"alpha": alpha, "start": start, "end": end}).attach(model, ids, image_token_id)
+        cond = torch.log_softmax(model(**full_forward_inputs(inputs, ids)).logits[0, -1], -1)
+        ReferenceMethods().attach(model, plain_ids, image_token_id)
+        uncond = torch.log_softmax(model(input_ids=plain_ids, use_cache=False).logits[0, -1], -1)
+        guided = gamma * (cond - uncond) + uncond
+        guided[cond < math.log(cfg_cutoff) + cond.max()] = float("-inf")
+        guided[eos_id] = float("-inf")
+        chosen.append(int(guided.argmax()))
+        ids = torch.cat([ids, torch.tensor([[chosen[-1]]])], 1)
+        plain_ids = torch.cat([plain_ids, torch.tensor([[chosen[-1]]])], 1)
+    return chosen
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pai_guidance_equals_plain_reference(tiny_models, family):
+    """Without the boost (alpha = 0), so that recomputing without a cache is exact; the boost in the guided branch
+    is checked by the next test."""
+    params = {"alpha": 0.0, "start": 1, "end": 3, "cfg": True, "gamma": 2.0, "cfg_cutoff": 0.05}
+    c = neverfade.load(tiny_models[family], device="cpu")
+    inputs = inputs_for(c, make_images()[1:2], [neverfade.DEFAULT_PROMPT])
+    baseline = c.model.generate(**inputs, **GREEDY).sequences[0, -STEPS:].tolist()
+    c.use(["pai"], {"pai": params})
+    fast = c.generate(**inputs, **GREEDY).sequences[0, -STEPS:].tolist()
+    ref_model = AutoModelForImageTextToText.from_pretrained(tiny_models[family]).eval()
+    with torch.no_grad():
+        reference = reference_pai_cfg(ref_model, inputs, c.engine.info.image_token_id,
+                                      c.model.generation_config.eos_token_id,
+                                      **{k: v for k, v in params.items() if k != "cfg"})
+    assert fast != baseline, "the guidance must change the output here"
+    assert fast == reference
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_pai_guidance_at_gamma_one_is_the_boost_alone(tiny_models, family):
+    """gamma = 1 leaves cond: the guided loop must then give exactly what the boost gives under generate."""
+    boost = {"alpha": 1.0, "start": 1, "end": 3}
+    c = neverfade.load(tiny_models[family], device="cpu")
+    inputs = inputs_for(c, make_images(), ["Describe it.", neverfade.DEFAULT_PROMPT, "Hi"])
+    baseline = c.model.generate(**inputs, **GREEDY).sequences
+    c.use(["pai"], {"pai": boost})
+    boosted = c.generate(**inputs, **GREEDY).sequences
+    c.use(["pai"], {"pai": {**boost, "cfg": True, "gamma": 1.0, "cfg_cutoff": 0.0}})
+    guided = c.generate(**inputs, **GREEDY).sequences
+    assert not torch.equal(boosted, baseline)
+    assert torch.equal(guided, boosted)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neverfade
-from conftest import make_images
+from conftest import full_forward_inputs, make_images
 
 STEPS = 16
 VCD = {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3}
@@ -24,13 +24,9 @@ def reference_vcd(model, inputs, eos_id, alpha, beta, noise_step, seed):
     noised = reference_noise(inputs["pixel_values"], noise_step, seed)  # one image: its noise is the first draw
     ids, chosen = inputs["input_ids"], []
     for _ in range(STEPS):
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-        if "mm_token_type_ids" in inputs:
-            pad = ids.shape[1] - inputs["mm_token_type_ids"].shape[1]
-            common["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, pad))
-        clean = model(**common, **extra).logits[0, -1]
-        noisy = model(**common, **{**extra, "pixel_values": noised}).logits[0, -1]
+        full = full_forward_inputs(inputs, ids)
+        clean = model(**full).logits[0, -1]
+        noisy = model(**{**full, "pixel_values": noised}).logits[0, -1]
         combined = (1 + alpha) * clean - alpha * noisy
         combined[clean < math.log(beta) + clean.max()] = float("-inf")
         combined[eos_id] = float("-inf")  # min_new_tokens keeps the fast path from stopping

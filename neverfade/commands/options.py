@@ -27,9 +27,13 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     for method in METHODS.values():
         for p in method.params:
             default = "model family's" if p.default is None else p.default
-            group.add_argument(f"--{method.name}-{p.name.replace('_', '-')}", dest=f"param__{method.name}__{p.name}",
-                               type=p.type, default=None, metavar=p.type.__name__.upper(),
-                               help=f"{method.name}: {p.help} (default {default}; {p.source})")
+            flag, dest = f"--{method.name}-{p.name.replace('_', '-')}", f"param__{method.name}__{p.name}"
+            text = f"{method.name}: {p.help} (default {default}; {p.source})"
+            if p.type is bool:
+                group.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=text)
+            else:
+                group.add_argument(flag, dest=dest, type=p.type, default=None, metavar=p.type.__name__.upper(),
+                                   help=text)
 
 
 def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:

@@ -43,6 +43,12 @@ class Param:
     def check(self, value: Any) -> Any:
         if value is None:
             return None
+        if self.type is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ParameterError(f"{self.name} must be true or false, got {value!r}")
+            return value
         try:
             value = self.type(value)
         except (TypeError, ValueError):
