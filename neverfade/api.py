@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from PIL import Image
 
+from neverfade.analysis.probes import ImageAttentionShare
 from neverfade.engine.engine import Engine
 from neverfade.methods import build_methods
 from neverfade.methods.base import Method
@@ -29,6 +30,7 @@ class Caption:
     text: str
     new_tokens: int
     seconds: float  # this caption's share of its batch's wall time
+    image_attention: list[float] | None = None  # per new token, with record_attention: share of attention on the image
 
 
 class Captioner:
@@ -41,7 +43,14 @@ class Captioner:
         self.processor.tokenizer.padding_side = "left"
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.engine: Engine | None = None
+        self.attention_probe: ImageAttentionShare | None = None
         self.use(methods)
+
+    def record_attention(self, layer: int | None = None) -> "Captioner":
+        """From now on, each Caption carries `image_attention`: per new token, the share of attention on the image
+        at `layer` (default: SPARC's selection layer for the family)."""
+        self.attention_probe = ImageAttentionShare(layer=layer)
+        return self.use(self.methods)
 
     @property
     def methods(self) -> list[Method]:
@@ -53,8 +62,9 @@ class Captioner:
             self.engine.detach()
             self.engine = None
         built = build_methods(methods, params)
-        if built:
-            self.engine = Engine(self.model, built).attach()
+        probes = [self.attention_probe] if self.attention_probe else []
+        if built or probes:
+            self.engine = Engine(self.model, built, probes).attach()
         return self
 
     def describe(self) -> list[dict[str, Any]]:
@@ -87,7 +97,10 @@ class Captioner:
         new = out[:, inputs["input_ids"].shape[1]:]
         counts = self._count_new_tokens(new)
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
-        return [Caption(t.strip(), int(n), seconds) for t, n in zip(texts, counts)]
+        shares = self.attention_probe.take() if self.attention_probe else None
+        shares = shares.float().tolist() if shares is not None else [None] * len(texts)
+        return [Caption(t.strip(), int(n), seconds, s[:n] if s is not None else None)
+                for t, n, s in zip(texts, counts, shares)]
 
     def generate(self, **inputs_and_kwargs):
         """`model.generate` with the attached methods' decoding loop, if one of them has its own."""

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
-from typing import Any
 
 from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
+from neverfade.runner import caption_items, prepare_runs
 
 EXIT_SOME_FAILED = 1
 
@@ -63,19 +61,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
 
     captioner = load_captioner(args, names, params)
-    settings = [names] + ([["baseline"]] if args.vs_baseline and names != ["baseline"] else [])
     prompt = args.prompt or DEFAULT_PROMPT
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     if args.sample:
         generate.update(temperature=args.temperature, top_p=args.top_p)
-    runs = []
-    for setting in settings:
-        try:
-            captioner.use(setting, params if setting is names else None)
-        except ParameterError as err:
-            raise UserError(str(err)) from None
-        described = captioner.describe()
-        runs.append((captioner.methods, described, _run_id(captioner.name, described, prompt, generate)))
+    settings = [(names, params)] + ([(["baseline"], None)] if args.vs_baseline and names != ["baseline"] else [])
+    try:
+        runs = prepare_runs(captioner, settings, prompt, generate)
+    except ParameterError as err:
+        raise UserError(str(err)) from None
 
     results = None
     if args.out:
@@ -87,60 +81,19 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         if args.retry_errors:
             results.done = {(r["id"], r["run"]) for r in results.records if r.get("error") is None}
-    show = args.show or not args.out
-    return _caption_all(captioner, items, runs, prompt, generate, args, results, show, load_image, ImageError)
-
-
-def _caption_all(captioner, items, runs, prompt, generate, args, results, show, load_image, ImageError) -> int:
-    import torch
-    from tqdm import tqdm
-
-    todo = [(item, r) for item in items for r in runs if results is None or (item.id, r[2]) not in results.done]
-    skipped = len(items) * len(runs) - len(todo)
-    if skipped:
-        print(f"resuming: {skipped} records already in {args.out}", file=sys.stderr)
-    torch.manual_seed(args.seed)
-    failed: set[str] = set()
-    bar = tqdm(total=len(todo), unit="caption", desc="captioning", disable=None)
-    for start in range(0, len(items), args.batch_size):
-        batch = items[start:start + args.batch_size]
-        images: dict[str, Any] = {}
-        shown: dict[str, list[str]] = {}
-        for methods, described, run_id in runs:
-            pending = [it for it in batch if results is None or (it.id, run_id) not in results.done]
-            if not pending:
-                continue
-            records, ok = [], []
-            for item in pending:
-                if item.id not in images:
-                    try:
-                        images[item.id] = load_image(item.image)
-                    except ImageError as err:
-                        images[item.id] = err
-                if isinstance(images[item.id], ImageError):
-                    records.append(_record(item, captioner.name, described, run_id, error=str(images[item.id])))
-                else:
-                    ok.append(item)
-            if captioner.methods != methods:
-                captioner.use(methods)
-            captions = captioner.caption([images[it.id] for it in ok], [it.prompt or prompt for it in ok],
-                                         **generate) if ok else []
-            for item, c in zip(ok, captions):
-                records.append(_record(item, captioner.name, described, run_id, caption=c))
-            failed.update(r["id"] for r in records if r["error"] is not None)
-            if results is not None:
-                results.append(records)
-            by_id = {r["id"]: r for r in records}
-            for item in pending:
-                shown.setdefault(item.id, [_header(item)]).append(_shown(item, by_id[item.id], described))
-            bar.update(len(records))
-        if show:
-            for lines in shown.values():
-                tqdm.write("\n".join(lines) + "\n")
-    bar.close()
+    show = _print_batch if args.show or not args.out else None
+    failed = caption_items(captioner, items, runs, prompt=prompt, generate=generate, batch_size=args.batch_size,
+                           results=results, on_batch=show, seed=args.seed)
     if failed:
         print(f"{len(failed)} images could not be read; their records hold the error", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def _print_batch(items, records) -> None:
+    from tqdm import tqdm
+
+    for item in items:
+        tqdm.write("\n".join([_header(item)] + [_shown(item, r) for r in records[item.id]]) + "\n")
 
 
 def _header(item) -> str:
@@ -148,8 +101,8 @@ def _header(item) -> str:
     return f"== {item.id}" + (f" (objects present: {', '.join(objects)})" if objects is not None else "")
 
 
-def _shown(item, record, described) -> str:
-    label = "+".join(m["name"] for m in described) or "baseline"
+def _shown(item, record) -> str:
+    label = "+".join(m["name"] for m in record["methods"]) or "baseline"
     if record["error"] is not None:
         return f"  {label}: ERROR {record['error']}"
     text = record["caption"]
@@ -158,17 +111,3 @@ def _shown(item, record, described) -> str:
 
         text = mark_objects(text, item.meta["objects"])
     return f"  {label}: {text}"
-
-
-def _record(item, model: str, methods, run_id: str, caption=None, error: str | None = None) -> dict[str, Any]:
-    return {
-        "id": item.id, "image": item.image, "run": run_id, "model": model, "methods": methods,
-        "prompt": item.prompt, "caption": caption.text if caption else None,
-        "new_tokens": caption.new_tokens if caption else 0,
-        "seconds": round(caption.seconds, 4) if caption else 0.0, "error": error,
-    }
-
-
-def _run_id(model: str, methods, prompt: str, generate: dict) -> str:
-    key = json.dumps({"model": model, "methods": methods, "prompt": prompt, **generate}, sort_keys=True)
-    return hashlib.sha1(key.encode()).hexdigest()[:12]

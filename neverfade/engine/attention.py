@@ -41,7 +41,7 @@ def attention_row(query, key, value, attention_mask, scaling, layer, methods, ba
 
 def neverfade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     engine = getattr(module, "_neverfade_engine", None)
-    if engine is None or not engine.methods:
+    if engine is None or not engine.hooks:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     return engine.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)

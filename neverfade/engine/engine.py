@@ -20,16 +20,20 @@ from neverfade.models.families import ModelInfo, model_info, text_attention_modu
 
 
 class Engine:
-    def __init__(self, model, methods: list[Method]):
+    """`methods` change the output; `probes` (analysis.probes) only watch, and are left out of `methods`."""
+
+    def __init__(self, model, methods: list[Method], probes: list[Method] = ()):
         self.model = model
         self.info: ModelInfo = model_info(model)
-        # a decoding strategy (SGRS) sees the attention after every other method's reweighting
-        self.methods = sorted(methods, key=lambda m: m.strategy is not None)
-        for m in self.methods:
+        self.methods = list(methods)
+        self.probes = list(probes)
+        # probes watch first; a decoding strategy (SGRS) sees the attention after every other method's reweighting
+        self.hooks = self.probes + sorted(self.methods, key=lambda m: m.strategy is not None)
+        for m in self.hooks:
             m.bind(self.info)
         n = self.info.num_layers
-        self.decode_layers = [[m for m in self.methods if layer in m.decode_layers(n)] for layer in range(n)]
-        self.prefill_layers = [[m for m in self.methods if layer in m.prefill_layers(n)] for layer in range(n)]
+        self.decode_layers = [[m for m in self.hooks if layer in m.decode_layers(n)] for layer in range(n)]
+        self.prefill_layers = [[m for m in self.hooks if layer in m.prefill_layers(n)] for layer in range(n)]
         self.batch: Batch | None = None  # the batch whose forward is running
         self._batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Batch
         self._hook = None
@@ -74,7 +78,7 @@ class Engine:
             self.batch = Batch(image_mask=input_ids == self.info.image_token_id)
             if cache is not None:
                 self._batches[cache] = self.batch
-            for m in self.methods:
+            for m in self.hooks:
                 m.begin_batch(self.batch)
             return None
         self.batch = self._batches.get(cache, self.batch)
@@ -83,7 +87,7 @@ class Engine:
         if input_ids is not None and input_ids.shape[0] != self.batch.size:
             raise RuntimeError("the batch changed size between steps; beam search is not supported")
         self.batch.step += 1
-        for m in self.methods:
+        for m in self.hooks:
             m.begin_step(self.batch)
         return None
 

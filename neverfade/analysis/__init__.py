@@ -1,0 +1,1 @@
+"""Looking inside a run: attention diagnostics recorded while captions are written."""
