@@ -20,10 +20,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
 
 
-def add_method_options(parser: argparse.ArgumentParser) -> None:
+def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     group = parser.add_argument_group("methods", "Repeat --method to compose methods; each has its own parameters.")
-    group.add_argument("--method", action="append", default=[], metavar="NAME",
-                       help=f"a method to attach: {', '.join([BASELINE, *METHODS])} (repeatable; default baseline)")
+    if with_method:
+        group.add_argument("--method", action="append", default=[], metavar="NAME",
+                           help=f"a method to attach: {', '.join([BASELINE, *METHODS])} (repeatable; default baseline)")
     for method in METHODS.values():
         for p in method.params:
             default = "model family's" if p.default is None else p.default
@@ -43,7 +44,7 @@ def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[s
         if key.startswith("param__") and value is not None:
             _, method, name = key.split("__", 2)
             params.setdefault(method, {})[name] = value
-    return list(args.method) or [BASELINE], params
+    return list(getattr(args, "method", None) or []) or [BASELINE], params
 
 
 def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str, dict[str, Any]]):

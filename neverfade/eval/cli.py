@@ -18,6 +18,7 @@ EVAL_COMMANDS = {
     "pope": "neverfade.eval.cli:add_pope",
     "clair": "neverfade.eval.cli:add_clair",
     "manifest": "neverfade.eval.cli:add_manifest",
+    "scenes": "neverfade.eval.scenes",
 }
 
 
