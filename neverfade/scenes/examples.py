@@ -45,8 +45,8 @@ def pixel_values(image) -> np.ndarray:
     return ((pixels - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)).transpose(2, 0, 1)
 
 
-def prompt_and_answer(scene, rng: np.random.Generator) -> tuple[str, str]:
-    if rng.random() >= QUESTION_SHARE:
+def prompt_and_answer(scene, rng: np.random.Generator, question_share: float = QUESTION_SHARE) -> tuple[str, str]:
+    if rng.random() >= question_share:
         return DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))], scene.caption
     if rng.random() < 0.5:
         kind = sorted(scene.kinds)[int(rng.integers(len(scene.kinds)))]
@@ -64,8 +64,8 @@ class ExampleEncoder:
     tokenizer's encoding of " " + answer + eos, appended, and it alone carries labels.
     """
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, question_share: float = QUESTION_SHARE):
+        self.processor, self.question_share = processor, question_share
         self.tokenizer = processor.tokenizer
         self._prompt_ids: dict[str, list[int]] = {}
 
@@ -87,9 +87,21 @@ class ExampleEncoder:
     def example(self, seed: int) -> dict:
         """The training example of scene `seed`: pixel values, input ids, labels."""
         scene = make_scene(seed)
-        prompt, answer_text = prompt_and_answer(scene, np.random.default_rng([seed, 1]))
+        prompt, answer_text = prompt_and_answer(scene, np.random.default_rng([seed, 1]), self.question_share)
         input_ids, labels = self.encode(prompt, answer_text)
         return {"pixel_values": pixel_values(scene.image), "input_ids": input_ids, "labels": labels}
+
+
+def yes_no_questions(scene, rng: np.random.Generator) -> list[tuple[str, bool]]:
+    """POPE-style probes of a scene: one present kind, one absent partner of a present kind (if any), one random
+    absent kind; as (kind, present)."""
+    present = sorted(scene.kinds)
+    partners = sorted({p for k in scene.kinds for p in PARTNERS.get(k, {})} - scene.kinds)
+    absent = sorted(set(KINDS) - scene.kinds)
+    probes = [(present[int(rng.integers(len(present)))], True), (absent[int(rng.integers(len(absent)))], False)]
+    if partners:
+        probes.append((partners[int(rng.integers(len(partners)))], False))
+    return probes
 
 
 def tokenizer_corpus(seeds) -> list[str]:
