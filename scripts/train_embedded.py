@@ -108,7 +108,8 @@ def yes_no_accuracy(model, processor, seeds, device) -> dict:
     for seed in seeds:
         scene = make_scene(seed)
         probes = yes_no_questions(scene, np.random.default_rng([seed, 2]))
-        texts = [processor.apply_chat_template(user_message(question(k)), add_generation_prompt=True) for k, _ in probes]
+        texts = [processor.apply_chat_template(user_message(question(kind)), add_generation_prompt=True)
+                 for kind, _ in probes]
         inputs = processor(text=texts, images=[scene.image] * len(probes), return_tensors="pt", padding=True).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -148,10 +149,9 @@ def parse_args(argv=None):
     p.add_argument("--question-scenes", type=int, default=200, help="held-out scenes probed with questions")
     args = p.parse_args(argv)
     if args.smoke:
-        args.__dict__.update(batch_size=4, workers=min(args.workers, 1), held_out=8, sample_scenes=2, tokenizer_scenes=200,
-                             question_scenes=2,
-                             eval_every_s=5.0, max_minutes=min(args.max_minutes, 1.0), reserve_minutes=0.3,
-                             warmup_steps=2)
+        args.__dict__.update(batch_size=4, workers=min(args.workers, 1), held_out=8, sample_scenes=2,
+                             question_scenes=2, tokenizer_scenes=200, eval_every_s=5.0, warmup_steps=2,
+                             max_minutes=min(args.max_minutes, 1.0), reserve_minutes=0.3)
     return args
 
 
@@ -215,8 +215,8 @@ def main(argv=None) -> None:
         window.append(loss.detach())
         if (step + 1) % 50 == 0 or args.smoke:
             elapsed = time.time() - train_start
-            entry = {"step": step + 1, "seconds": round(elapsed, 1), "loss": round(float(torch.stack(window).mean()), 4),
-                     "lr": round(lr, 6), "data_wait_s": round(wait, 1)}
+            entry = {"step": step + 1, "seconds": round(elapsed, 1), "lr": round(lr, 6), "data_wait_s": round(wait, 1),
+                     "loss": round(float(torch.stack(window).mean()), 4)}
             log["train"].append(entry)
             print(json.dumps(entry), flush=True)
             window = []

@@ -198,5 +198,6 @@ def _draw_clutter(rng, draw, clutter, count):
 
 def _add_noise(rng, image):
     sigma = float(rng.uniform(2.0, 10.0))
-    pixels = np.asarray(image, dtype=np.float32) + sigma * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    noise = rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32) + sigma * noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
