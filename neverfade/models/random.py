@@ -118,6 +118,7 @@ def _qwen_parts(size: str, v25: bool):
                          "mrope_section": [head_dim // 8, head_dim // 8 * 1.5, head_dim // 8 * 1.5]},
     )
     text["rope_parameters"]["mrope_section"] = [int(x) for x in text["rope_parameters"]["mrope_section"]]
+    text.update(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = dict(depth=2 if tiny else 32, embed_dim=32 if tiny else 1280, hidden_size=32 if tiny else 1280,
                   num_heads=4 if tiny else 16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                   out_hidden_size=text["hidden_size"], in_chans=3)
@@ -133,8 +134,13 @@ def _qwen_parts(size: str, v25: bool):
         min_pixels=pixels if tiny else 256 * 28 * 28, max_pixels=4 * pixels if tiny else 1280 * 28 * 28,
         patch_size=14, merge_size=2, temporal_patch_size=2)
     name = "Qwen2_5_VLProcessor" if v25 else "Qwen2VLProcessor"
-    processor_cls = image_only(name) or getattr(transformers, name)
-    processor = processor_cls(image_processor=image_processor, tokenizer=tok, chat_template=_QWEN_TEMPLATE)
+    stand_in = image_only(name)  # where torchvision is missing, no video processor can be built
+    if stand_in is not None:
+        processor = stand_in(image_processor=image_processor, tokenizer=tok, chat_template=_QWEN_TEMPLATE)
+    else:
+        video = transformers.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+        processor = getattr(transformers, name)(image_processor=image_processor, tokenizer=tok,
+                                                video_processor=video, chat_template=_QWEN_TEMPLATE)
     return config, processor
 
 
