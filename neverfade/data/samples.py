@@ -14,7 +14,7 @@ def sample_scene_items(count: int) -> list[Item]:
 
     if not 1 <= count <= len(HELD_OUT_SEEDS):
         raise ValueError(f"--samples must be between 1 and {len(HELD_OUT_SEEDS)}, got {count}")
-    folder = Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade")) / "scenes"
+    folder = Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade")) / "scenes" / _generator_hash()
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for seed in HELD_OUT_SEEDS[:count]:
@@ -26,6 +26,18 @@ def sample_scene_items(count: int) -> list[Item]:
             tmp.replace(path)
         items.append(Item(id=f"scene-{seed:05d}", image=str(path), meta={"objects": sorted(scene.kinds)}))
     return items
+
+
+def _generator_hash() -> str:
+    """A digest of the scene generator's code: a changed generator renders into a new folder, never a stale one."""
+    import hashlib
+
+    import neverfade.scenes as scenes
+
+    digest = hashlib.sha1()
+    for source in sorted(Path(scenes.__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def mark_objects(text: str, objects: list[str]) -> str:
