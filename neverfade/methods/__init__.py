@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from neverfade.methods import locore, naive, pai, sgrs, sparc, vcd  # noqa: F401  (registers)
+from neverfade.methods import locore, naive, opera, pai, sgrs, sparc, vcd  # noqa: F401  (registers)
 from neverfade.methods.base import METHODS, Method, Param, ParameterError, register
 
 BASELINE = "baseline"

@@ -140,6 +140,12 @@ class Method:
             from neverfade.decoding.contrast import contrast_decode
 
             return functools.partial(contrast_decode, method=self)
+        if self.strategy == "beam":
+            import functools
+
+            from neverfade.decoding.opera import beam_decode
+
+            return functools.partial(beam_decode, method=self)
         return None
 
 

@@ -1,0 +1,310 @@
+"""OPERA's beam search (the definition is in methods/opera.py), run through `generate(custom_generate=...)`.
+
+One prefill for the whole batch; then each image's search runs on its own rows of the same KV cache, one image after
+another (a roll-back rewinds one image, and the rows of one cache share a length). An image's rows are its N beams,
+or N * C while its candidates are fed: one forward per step, since the chosen candidate's forward already gives the
+next step's logits and its keys and values. The beam bookkeeping is transformers' own (`_get_top_k_continuations`
+and its siblings, as `generate(num_beams=N)` runs them).
+
+Every step keeps what a roll-back needs: the bookkeeping, the column history and the other methods' per-sequence
+state at the start of the step, and the key/value entry each surviving beam added. A roll-back to step p rebuilds
+the beams' caches from the prompt and those entries (following each beam's lineage) and re-feeds their last token
+for the logits, so the cache, the logits and every method's state are those the beams had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+
+from neverfade.methods.base import ParameterError
+
+SEQUENCE_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")  # grow with the sequence
+
+
+def beam_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, *, method, neverfade_inputs=None, **model_kwargs):
+    if synced_gpus:
+        raise ValueError("opera does not support synced_gpus")
+    if streamer is not None:
+        raise ValueError("opera is a beam search: it cannot stream tokens")
+    if generation_config.do_sample:
+        raise ValueError("opera is a beam search: sampling (do_sample=True) is not supported")
+    if generation_config.num_beams != 1 or generation_config.num_return_sequences != 1:
+        raise ValueError("opera runs its own beams (its num_beams parameter): call generate without num_beams or "
+                         "num_return_sequences")
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
+        raise ValueError("opera needs an empty DynamicCache (generate's default cache)")
+    inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    out = model(**inputs, return_dict=True)
+    kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
+    search = BeamSearch(model, method, cache, kwargs, out.logits[:, -1].float(), logits_processor,
+                        stopping_criteria, generation_config)
+    results = [search.run(b, input_ids[b]) for b in range(input_ids.shape[0])]
+    method.last_rollbacks = [r.rollbacks for r in results]
+    width = max(len(r.sequence) for r in results)
+    sequences = input_ids.new_full((len(results), width), int(search.fill))
+    for i, r in enumerate(results):
+        sequences[i, : len(r.sequence)] = r.sequence
+    if generation_config.return_dict_in_generate:
+        scores = torch.stack([r.score for r in results]) if generation_config.output_scores else None
+        return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=scores)
+    return sequences
+
+
+@dataclass
+class Beams:
+    """transformers' beam-search bookkeeping for one image (batch dimension 1), under its own names."""
+    running_sequences: torch.Tensor  # (1, N, max_length)
+    running_beam_scores: torch.Tensor  # (1, N)
+    running_beam_indices: torch.Tensor  # (1, N, max_new): the parent slot chosen at each step
+    sequences: torch.Tensor  # finished hypotheses
+    beam_scores: torch.Tensor
+    beam_indices: torch.Tensor
+    is_sent_finished: torch.Tensor
+    unsatisfied: torch.Tensor  # is_early_stop_heuristic_unsatisfied, (1, 1)
+    cur_len: int
+
+    @classmethod
+    def start(cls, prompt_ids, num_beams, max_length, fill):
+        p, device = prompt_ids.shape[0], prompt_ids.device
+        running = torch.full((1, num_beams, max_length), int(fill), dtype=torch.long, device=device)
+        running[:, :, :p] = prompt_ids
+        scores = torch.zeros(1, num_beams, device=device)
+        scores[:, 1:] = -1e9
+        indices = torch.full((1, num_beams, max_length - p), -1, dtype=torch.int32, device=device)
+        return cls(running, scores, indices, running.clone(), torch.full_like(scores, -1e9), indices.clone(),
+                   torch.zeros(1, num_beams, dtype=torch.bool, device=device),
+                   torch.ones(1, 1, dtype=torch.bool, device=device), p)
+
+    def clone(self) -> "Beams":
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self) if f.name != "cur_len"})
+
+
+@dataclass
+class Snapshot:
+    beams: Beams
+    history: torch.Tensor
+    states: dict
+
+
+@dataclass
+class Result:
+    sequence: torch.Tensor
+    score: torch.Tensor
+    rollbacks: list
+
+
+class BeamSearch:
+    def __init__(self, model, method, cache, kwargs, first_logits, logits_processor, stopping_criteria, config):
+        self.model, self.m, self.cache = model, method, cache
+        self.batch = model._neverfade_engine.batch  # the Batch the prefill started, kept for this cache
+        self.processor, self.stopping = logits_processor, stopping_criteria
+        self.prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prompt_states = {k: v.clone() for k, v in row_states(self.batch, method).items()}
+        self.prompt_mask = self.batch.image_mask
+        self.prompt_len = self.prompt_mask.shape[1]
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        self.first_logits = first_logits
+        self.vocab = first_logits.shape[-1]
+        if method.candidates > self.vocab:
+            raise ParameterError(f"opera: {method.candidates} candidates for a vocabulary of {self.vocab}")
+        self.max_length = config.max_length
+        self.length_penalty, self.early_stopping = config.length_penalty, config.early_stopping
+        pad, eos = config._pad_token_tensor, config._eos_token_tensor
+        self.fill = pad or eos[0] if eos is not None else -1  # transformers' fill value, precedence included
+        n = method.num_beams
+        self.beams_to_keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * n
+        self.top_num_beam_mask = torch.arange(self.beams_to_keep, device=first_logits.device) < n
+
+    # ---- one image ----
+    def run(self, b: int, prompt_ids: torch.Tensor) -> Result:
+        m, n, c, p_len = self.m, self.m.num_beams, self.m.candidates, self.prompt_len
+        max_new = self.max_length - p_len
+        self.b = b
+        self.image_row = self.prompt_mask[b:b + 1]
+        index = torch.tensor([b], device=prompt_ids.device)
+        self.image_kwargs = {k: _rows(k, v, index) if k in SEQUENCE_KEYS else v for k, v in self.kwargs.items()}
+        zeros = torch.zeros(n, dtype=torch.long, device=prompt_ids.device)
+        for layer, (k, v) in zip(self.cache.layers, self.prompt_kv):
+            layer.keys, layer.values = k[b:b + 1].expand(n, -1, -1, -1), v[b:b + 1].expand(n, -1, -1, -1)
+        self.set_states({key: s[b:b + 1] for key, s in self.prompt_states.items()}, zeros)
+        self.stash = [(k.new_empty(n, k.shape[1], max_new, k.shape[3]), v.new_empty(n, v.shape[1], max_new, v.shape[3]))
+                      for k, v in self.prompt_kv]
+        beams = Beams.start(prompt_ids, n, self.max_length, self.fill)
+        history = torch.zeros(n, max_new, dtype=torch.float64, device=prompt_ids.device)
+        logits = self.first_logits[b:b + 1].expand(n, -1)
+        snaps, locations, rollbacks = [], [], []
+        self.rollbacks_at, self.rejected = [0] * (max_new + 1), {}
+        t = 0
+        while True:
+            del snaps[t:]
+            snaps.append(Snapshot(beams.clone(), history.clone(), {k: s.clone() for k, s in self.states().items()}))
+            cand_logits, cands = logits.topk(c, dim=-1)  # (N, C)
+            self.gather(torch.arange(n, device=cands.device).repeat_interleave(c))
+            next_logits, rows = self.forward(cands.reshape(-1), t)
+            phi, loc = m.penalties(history.repeat_interleave(c, 0)[:, :t], rows, self.batch.image_mask)
+            locations.append(mode(loc.view(n, c)))
+            back_to = self.rollback_target(locations)
+            if back_to is not None:
+                rollbacks.append((t, back_to))
+                t = back_to
+                beams, history, logits = self.roll_back(t, snaps, locations)
+                scores = torch.log_softmax(logits, dim=-1).view(-1).index_fill(0, self.rejected[t], float("-inf"))
+                parents, tokens, done = self.advance(beams, scores.view(n, -1))
+                if done:
+                    break
+                self.gather(parents)
+                logits, row = self.forward(tokens, t)
+            else:
+                penalised = torch.log_softmax(cand_logits.double() - m.penalty * phi.view(n, c), dim=-1)
+                scores = torch.full_like(logits, float("-inf")).scatter(1, cands, penalised.float())
+                parents, tokens, done = self.advance(beams, scores)
+                if done:
+                    break
+                match = cands[parents] == tokens[:, None]
+                if bool(match.any(1).all()):
+                    chosen = parents * c + match.float().argmax(1)
+                    self.gather(chosen)
+                    logits, row = next_logits[chosen], rows[chosen]
+                else:  # a continuation scored -inf survived (too few finite ones): feed its token from step t
+                    self.gather(parents * c)
+                    self.truncate(p_len + t)
+                    self.set_states(snaps[t].states, parents)
+                    logits, row = self.forward(tokens, t)
+            history = history[parents]
+            history[:, : t + 1] += m.column_logs(row, p_len)
+            for layer, (sk, sv) in zip(self.cache.layers, self.stash):
+                sk[:, :, t], sv[:, :, t] = layer.keys[:, :, -1], layer.values[:, :, -1]
+            t += 1
+        length = p_len + int((beams.beam_indices[0, 0] + 1).bool().sum())
+        return Result(beams.sequences[0, 0, :length], beams.beam_scores[0, 0], rollbacks)
+
+    def advance(self, beams: Beams, scores: torch.Tensor):
+        """transformers' beam-search step on (N, V) token scores (before logits processors); updates `beams`.
+        Returns each new beam's parent slot and token, and whether the search is over."""
+        model, n, p_len, cur = self.model, self.m.num_beams, self.prompt_len, beams.cur_len
+        scores = self.processor(beams.running_sequences[0, :, :cur], scores)
+        accumulated = (scores + beams.running_beam_scores.view(n, 1)).view(1, -1)
+        topk_scores, topk_sequences, topk_indices = model._get_top_k_continuations(
+            accumulated_log_probs=accumulated, running_sequences=beams.running_sequences,
+            running_beam_indices=beams.running_beam_indices, cur_len=cur, decoder_prompt_len=p_len, do_sample=False,
+            beams_to_keep=self.beams_to_keep, num_beams=n, batch_size=1)
+        hits = self.stopping(topk_sequences[0, :, : cur + 1], None).view(1, -1)
+        beams.running_sequences, beams.running_beam_scores, beams.running_beam_indices = (
+            model._get_running_beams_for_next_iteration(topk_scores, topk_sequences, topk_indices, hits, n))
+        beams.sequences, beams.beam_scores, beams.beam_indices, beams.is_sent_finished = model._update_finished_beams(
+            sequences=beams.sequences, topk_running_sequences=topk_sequences, beam_scores=beams.beam_scores,
+            topk_log_probs=topk_scores, beam_indices=beams.beam_indices, topk_running_beam_indices=topk_indices,
+            is_early_stop_heuristic_unsatisfied=beams.unsatisfied, is_sent_finished=beams.is_sent_finished,
+            next_token_hits_stopping_criteria=hits, top_num_beam_mask=self.top_num_beam_mask, num_beams=n,
+            cur_len=cur, decoder_prompt_len=p_len, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping)
+        parents = beams.running_beam_indices[0, :, cur - p_len].long()
+        tokens = beams.running_sequences[0, :, cur]
+        beams.cur_len = cur + 1
+        beams.unsatisfied = model._check_early_stop_heuristic(
+            beams.unsatisfied, beams.running_beam_scores, beams.beam_scores, beams.is_sent_finished, cur + 1,
+            self.max_length, p_len, self.early_stopping, self.length_penalty)
+        done = not bool(model._beam_search_has_unfinished_sequences(beams.unsatisfied, beams.is_sent_finished, hits,
+                                                                    self.early_stopping))
+        return parents, tokens, done
+
+    def rollback_target(self, locations):
+        """The response position to roll back to, or None (definition step 6)."""
+        m = self.m
+        consensus = int(mode(locations[-1]))
+        if consensus < m.early:
+            return None
+        if not bool(((torch.stack(locations) == consensus).sum(0) > m.threshold).all()):
+            return None
+        target = consensus + 1
+        if self.rollbacks_at[target] >= m.candidates:
+            target = consensus
+            if self.rollbacks_at[target] >= m.candidates:
+                return None
+        self.rollbacks_at[target] += 1
+        return target
+
+    def roll_back(self, p, snaps, locations):
+        """Return to the start of step p: the rejected pairs, the beams, their caches, states and logits."""
+        v, p_len, n = self.vocab, self.prompt_len, self.m.num_beams
+        chosen = snaps[p + 1].beams  # the beams step p made
+        pairs = chosen.running_beam_indices[0, :, p].long() * v + chosen.running_sequences[0, :, p_len + p]
+        self.rejected = {q: r for q, r in self.rejected.items() if q < p}
+        self.rejected[p] = torch.cat([self.rejected.get(p, pairs[:0]), pairs])
+        del locations[p + 1:]
+        beams, history = snaps[p].beams.clone(), snaps[p].history.clone()
+        lineage = beams.running_beam_indices[0, :, :p].long()  # (N, p): each beam's parent slot at steps 0..p-1
+        steps = torch.arange(p - 1, device=lineage.device)
+        b = self.b
+        for layer, (k, val), (sk, sv) in zip(self.cache.layers, self.prompt_kv, self.stash):
+            # the entry of response position s < p - 1 is the one the beam's ancestor at state s + 1 added
+            layer.keys = torch.cat([k[b:b + 1].expand(n, -1, -1, -1),
+                                    sk[lineage[:, 1:], :, steps].permute(0, 2, 1, 3)], dim=2)
+            layer.values = torch.cat([val[b:b + 1].expand(n, -1, -1, -1),
+                                      sv[lineage[:, 1:], :, steps].permute(0, 2, 1, 3)], dim=2)
+        self.set_states(snaps[p - 1].states, lineage[:, p - 1])
+        logits, _ = self.forward(beams.running_sequences[0, :, p_len + p - 1], p - 1)
+        return beams, history, logits
+
+    # ---- the cache, the engine's Batch and the kwargs, kept row for row ----
+    def forward(self, tokens: torch.Tensor, position: int):
+        """Feed one token per row at response position `position`; returns (R, V) logits and the (R, T) row."""
+        self.batch.step = position
+        kwargs = dict(self.image_kwargs)
+        if position:
+            kwargs = self.model._update_model_kwargs_for_generation({}, kwargs, num_new_tokens=position)
+        rows = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        kwargs = {k: _rows(k, v, rows) if k in SEQUENCE_KEYS else v for k, v in kwargs.items()}
+        inputs = self.model.prepare_inputs_for_generation(tokens[:, None], next_sequence_length=1,
+                                                          past_key_values=self.cache, **kwargs)
+        out = self.model(**inputs, return_dict=True)
+        return out.logits[:, -1].float(), self.batch.state(self.m).row
+
+    def gather(self, index: torch.Tensor) -> None:
+        self.cache.reorder_cache(index)
+        self.set_states(self.states(), index)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+    def states(self) -> dict:
+        return row_states(self.batch, self.m)
+
+    def set_states(self, states: dict, index: torch.Tensor) -> None:
+        for (name, attr), value in states.items():
+            setattr(self.batch._state[name], attr, value.index_select(0, index))
+        self.batch.image_mask = self.image_row.expand(index.shape[0], -1)
+
+
+def row_states(batch, method) -> dict:
+    """Every other method's per-sequence state in the Batch, keyed by (method name, attribute)."""
+    states = {}
+    for name, namespace in batch._state.items():
+        if name == method.name:
+            continue
+        for attr, value in vars(namespace).items():
+            if not (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch.size):
+                raise ParameterError(f"opera cannot make {name}'s state ({attr}) follow its beams: it is not a "
+                                     "per-sequence tensor; use opera without it")
+            states[(name, attr)] = value
+    return states
+
+
+def mode(x: torch.Tensor) -> torch.Tensor:
+    """The most frequent value along the last dim; the smallest of equally frequent ones."""
+    counts = (x[..., :, None] == x[..., None, :]).sum(-1)
+    top = counts == counts.max(-1, keepdim=True).values
+    return torch.where(top, x, x.max() + 1).min(-1).values
+
+
+def _rows(key: str, value, index: torch.Tensor):
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.index_select(1 if key == "position_ids" and value.dim() == 3 else 0, index)
