@@ -60,3 +60,13 @@ def test_rerun_resumes_without_captioning_again(report, capsys):
     assert main(args) == 0
     assert len(read_records(captions)) == before == 200
     assert json.loads(out.read_text())["runs"]["sparc"]["overall"] == data["runs"]["sparc"]["overall"]
+
+
+def test_run_specs_carry_values():
+    from neverfade.eval.scenes import parse_run
+    from neverfade.methods import ParameterError
+
+    assert parse_run("sparc:tau=8,alpha=1.2+locore", {"locore": {"beta": 0.3}}) == (
+        ["sparc", "locore"], {"sparc": {"tau": "8", "alpha": "1.2"}, "locore": {"beta": 0.3}})
+    with pytest.raises(ParameterError, match="expected name=value"):
+        parse_run("sparc:tau", {})

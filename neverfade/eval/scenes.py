@@ -23,8 +23,8 @@ def add_parser(eval_subparsers) -> None:
                     "resumable JSONL; the scores to --out as JSON and a table.")
     p.add_argument("--n", type=int, default=500, help="how many held-out scenes (default 500)")
     p.add_argument("--run", action="append", metavar="SPEC",
-                   help=f"a method setting, methods joined by '+' (e.g. sparc+locore); repeatable; "
-                        f"default: {', '.join(DEFAULT_RUNS)}")
+                   help=f"a method setting: methods joined by '+', each with optional values after ':' "
+                        f"(e.g. sparc:tau=8+locore); repeatable; default: {', '.join(DEFAULT_RUNS)}")
     p.add_argument("--out", default="scenes.json", help="results JSON (default scenes.json)")
     p.add_argument("--captions", help="captions JSONL, resumable (default: beside --out, .captions.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     specs = args.run or list(DEFAULT_RUNS)
     _, params = method_choice(args)
-    settings = [(spec.split("+"), {m: params[m] for m in spec.split("+") if m in params}) for spec in specs]
-    unused = set(params) - {m for names, _ in settings for m in names}
     try:
+        settings = [parse_run(spec, params) for spec in specs]
+        unused = set(params) - {m for names, _ in settings for m in names}
         if unused:
             raise ParameterError(f"parameters given for {', '.join(sorted(unused))}, which no --run uses")
         for names, p in settings:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     results = ResultsFile(captions_path)
     caption_items(captioner, items, runs, prompt=DEFAULT_PROMPT, generate=generate, batch_size=args.batch_size,
                   results=results)
-    report = evaluate(results.records, items, runs, n_boot=args.bootstrap)
+    report = evaluate(results.records, items, runs, specs, n_boot=args.bootstrap)
     report["model"], report["captions"] = captioner.name, captions_path
     write_json(args.out, report)
     print(format_report(report))
@@ -83,7 +83,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(records: list[dict], items, runs, n_boot: int = 1000) -> dict:
+def parse_run(spec: str, params: dict[str, dict]) -> tuple[list[str], dict[str, dict]]:
+    """"sparc:tau=8,alpha=1.2+locore" -> (["sparc", "locore"], {"sparc": {"tau": "8", "alpha": "1.2"}}), on top of
+    the values given as flags (--sparc-tau ...)."""
+    from neverfade.methods import ParameterError
+
+    names, values = [], {}
+    for part in spec.split("+"):
+        name, _, assignments = part.partition(":")
+        names.append(name)
+        own = dict(params.get(name, {}))
+        for assignment in filter(None, assignments.split(",")):
+            key, eq, value = assignment.partition("=")
+            if not eq:
+                raise ParameterError(f"--run {spec}: expected name=value, got {assignment!r}")
+            own[key] = value
+        if own:
+            values[name] = own
+    return names, values
+
+
+def evaluate(records: list[dict], items, runs, labels: list[str], n_boot: int = 1000) -> dict:
     """Scores per run (label -> overall, ci, paired difference to the baseline), over the scenes every run described."""
     from neverfade.scenes import bootstrap_ci, scene_metrics
 
@@ -91,10 +111,10 @@ def evaluate(records: list[dict], items, runs, n_boot: int = 1000) -> dict:
               for run in runs}
     common = [it for it in items if all(it.id in by_run[run.id] for run in runs)]
     scenes = [SimpleNamespace(kinds=set(it.meta["objects"])) for it in common]
-    baseline = next((run for run in runs if run.label == "baseline"), None)
+    baseline = next((run for run in runs if not run.described), None)
     base_captions = [by_run[baseline.id][it.id]["caption"] for it in common] if baseline else None
     out = {"n_scenes": len(common), "runs": {}}
-    for run in runs:
+    for run, label in zip(runs, labels):
         captions = [by_run[run.id][it.id]["caption"] for it in common]
         metrics = scene_metrics(captions, scenes)
         entry = {
@@ -105,7 +125,7 @@ def evaluate(records: list[dict], items, runs, n_boot: int = 1000) -> dict:
         }
         if base_captions is not None and run is not baseline:
             entry["vs_baseline_ci"] = bootstrap_ci(captions, scenes, baseline=base_captions, n_boot=n_boot)
-        out["runs"][run.label] = entry
+        out["runs"][label] = entry
     return out
 
 
