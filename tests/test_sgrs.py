@@ -54,3 +54,18 @@ def test_sgrs_with_locore_batched_equals_alone(tiny_models):
     assert together == alone
     c.use(["sgrs"], {"sgrs": SGRS})
     assert [r.text for r in c.caption(images, max_new_tokens=10)] != together
+
+
+def test_state_kept_across_steps_holds_no_graph(tiny_models):
+    """Under SGRS the step's forward keeps a graph from the first target layer (2) on; what observers keep at a later
+    layer (SPARC's EMA, the attention probe) must not hold it, or every step's graph would stay alive."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc", "sgrs"],
+                       method_params={"sgrs": SGRS, "sparc": {"tau": 0.05, "layer": 3}})
+    c.record_attention(layer=3)
+    captions = c.caption(make_images(), max_new_tokens=6)
+    assert all(len(cap.image_attention) == 6 for cap in captions)
+    batch = c.engine.batch
+    sparc = batch.state(c.engine.methods[0])
+    assert not sparc.ema.requires_grad and not sparc.weight.requires_grad
+    shares = batch.state(c.attention_probe).shares
+    assert len(shares) == 6 and not any(s.requires_grad for s in shares)

@@ -31,8 +31,9 @@ def attention_row(query, key, value, attention_mask, scaling, layer, methods, ba
     for m in methods:
         scores = m.edit_scores(layer, scores, batch)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    observed = probs.detach()  # observers keep state across steps; a gradient (SGRS) must not reach it
     for m in methods:
-        m.observe(layer, probs, batch)
+        m.observe(layer, observed, batch)
     for m in methods:
         probs = m.reweight(layer, probs, batch)
     out = torch.matmul(probs.to(value.dtype), value)  # (B, KVH, G, D)
