@@ -131,6 +131,20 @@ class Force(LogitsProcessor):
         return forced
 
 
+def forced_score(c, inputs, tokens, candidates, redone=()):
+    """The sum over `tokens` of their log-probabilities when forced through c's methods: renormalised among each
+    step's top `candidates` logits, or over the whole vocabulary at the positions in `redone`."""
+    steps = len(tokens)
+    forced = c.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                        logits_processor=[Force(tokens, inputs["input_ids"].shape[1])], return_dict_in_generate=True)
+    assert forced.sequences[0, -steps:].tolist() == tokens
+    total = 0.0
+    for q, (logits, token) in enumerate(zip(forced.logits, tokens)):
+        among = logits[0] if q in redone else logits[0].topk(candidates).values
+        total += logits[0, token] - torch.logsumexp(among, 0)
+    return total
+
+
 def test_attention_methods_follow_the_beams(tiny_models):
     """Without penalty, a beam's score is the sum over its tokens of their log-probabilities under the other methods'
     own dynamics: renormalised among the candidates, or over the whole vocabulary at a step redone after a roll-back.
@@ -148,15 +162,24 @@ def test_attention_methods_follow_the_beams(tiny_models):
     for _, position in rollbacks:
         redone = {q for q in redone if q < position} | {position}
     c.use(["sparc", "locore"], others)
-    forced = c.generate(**inputs, **GREEDY, logits_processor=[Force(tokens, inputs["input_ids"].shape[1])],
-                        output_logits=True, return_dict_in_generate=True)
-    assert forced.sequences[0, -STEPS:].tolist() == tokens
-    total = 0.0
-    for q, (logits, token) in enumerate(zip(forced.logits, tokens)):
-        among = logits[0] if q in redone else logits[0].topk(SMALL["candidates"]).values
-        total += logits[0, token] - torch.logsumexp(among, 0)
+    total = forced_score(c, inputs, tokens, SMALL["candidates"], redone)
     assert tokens != opera(c, inputs, params)[0], "the other methods must change the output here"
     torch.testing.assert_close(ours.sequences_scores[0] * STEPS, total, atol=1e-4, rtol=1e-5)
+
+
+def test_a_beam_without_candidates_is_replaced(tiny_models):
+    """When a logits processor excludes every candidate of some beams, transformers' bookkeeping keeps a continuation
+    scored -inf as a running beam; its token (no candidate) is fed on its own, and the other beams go on exactly."""
+    c = neverfade.load(tiny_models["llava"], device="cpu")
+    inputs = one_image(c)
+    c.use(["opera"], {"opera": dict(num_beams=3, candidates=2, penalty=0.0, threshold=NO_ROLLBACK)})
+    ours = c.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, suppress_tokens=[254, 384],
+                      return_dict_in_generate=True, output_scores=True)
+    assert c.methods[0].last_fallbacks == [1], "a beam must lose all its candidates here"
+    tokens = ours.sequences[0, -10:].tolist()
+    c.use([])
+    torch.testing.assert_close(ours.sequences_scores[0] * 10, forced_score(c, inputs, tokens, 2), atol=1e-4,
+                               rtol=1e-5)
 
 
 class Listed(Method):

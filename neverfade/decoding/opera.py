@@ -46,6 +46,7 @@ def beam_decode(model, input_ids, logits_processor, stopping_criteria, generatio
                         stopping_criteria, generation_config)
     results = [search.run(b, input_ids[b]) for b in range(input_ids.shape[0])]
     method.last_rollbacks = [r.rollbacks for r in results]
+    method.last_fallbacks = [r.fallbacks for r in results]
     width = max(len(r.sequence) for r in results)
     sequences = input_ids.new_full((len(results), width), int(search.fill))
     for i, r in enumerate(results):
@@ -96,7 +97,8 @@ class Snapshot:
 class Result:
     sequence: torch.Tensor
     score: torch.Tensor
-    rollbacks: list
+    rollbacks: list  # (at step, back to position)
+    fallbacks: int  # steps that fed a non-candidate continuation (some beam's candidates were all excluded)
 
 
 class BeamSearch:
@@ -138,7 +140,7 @@ class BeamSearch:
         beams = Beams.start(prompt_ids, n, self.max_length, self.fill)
         history = torch.zeros(n, max_new, dtype=torch.float64, device=prompt_ids.device)
         logits = self.first_logits[b:b + 1].expand(n, -1)
-        snaps, locations, rollbacks = [], [], []
+        snaps, locations, rollbacks, fallbacks = [], [], [], 0
         self.rollbacks_at, self.rejected = [0] * (max_new + 1), {}
         t = 0
         while True:
@@ -172,6 +174,7 @@ class BeamSearch:
                     self.gather(chosen)
                     logits, row = next_logits[chosen], rows[chosen]
                 else:  # a continuation scored -inf survived (too few finite ones): feed its token from step t
+                    fallbacks += 1
                     self.gather(parents * c)
                     self.truncate(p_len + t)
                     self.set_states(snaps[t].states, parents)
@@ -182,7 +185,7 @@ class BeamSearch:
                 sk[:, :, t], sv[:, :, t] = layer.keys[:, :, -1], layer.values[:, :, -1]
             t += 1
         length = p_len + int((beams.beam_indices[0, 0] + 1).bool().sum())
-        return Result(beams.sequences[0, 0, :length], beams.beam_scores[0, 0], rollbacks)
+        return Result(beams.sequences[0, 0, :length], beams.beam_scores[0, 0], rollbacks, fallbacks)
 
     def advance(self, beams: Beams, scores: torch.Tensor):
         """transformers' beam-search step on (N, V) token scores (before logits processors); updates `beams`.

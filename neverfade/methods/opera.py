@@ -93,6 +93,7 @@ class OPERA(Method):
         super().bind(info)
         self.last_layer = info.num_layers - 1
         self.last_rollbacks: list[list[tuple[int, int]]] = []  # per image of the last call: (at step, back to)
+        self.last_fallbacks: list[int] = []  # per image: steps that fed a non-candidate (all candidates excluded)
 
     def decode_layers(self, num_layers):
         return {num_layers - 1}
