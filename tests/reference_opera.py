@@ -84,7 +84,7 @@ class ReferenceOPERA:
             back_to = self.rollback_target(history, rollbacks_at)
             if back_to is not None:
                 self.rollbacks.append((t, back_to))
-                rejected = {q: r for q, r in rejected.items() if q < back_to}
+                rejected = {q: r for q, r in rejected.items() if q <= back_to}
                 rejected.setdefault(back_to, set()).update((parent, tokens[-1]) for tokens, _, parent in
                                                            states[back_to + 1])
                 del history[back_to + 1:]

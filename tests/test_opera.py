@@ -17,8 +17,8 @@ NO_ROLLBACK = 10_000  # a threshold no location reaches
 PENALTY_CASES = {"llava": dict(SMALL, scale=1000.0, threshold=NO_ROLLBACK),
                  "qwen2_vl": dict(SMALL, scale=200.0, threshold=NO_ROLLBACK)}
 ROLLBACK_CASES = [("llava", dict(SMALL, scale=100.0, threshold=2), True),
-                  ("llava", dict(SMALL, scale=50.0, threshold=2), False),  # rolls back to one position C times
-                  ("qwen2_vl", dict(SMALL, scale=100.0, threshold=2), True)]
+                  ("llava", dict(SMALL, num_beams=2, candidates=2, scale=70.0, threshold=2), True),  # 2 to one place
+                  ("qwen2_vl", dict(SMALL, scale=100.0, threshold=2), False)]
 
 
 @pytest.fixture(autouse=True)

@@ -238,7 +238,7 @@ class BeamSearch:
         v, p_len, n = self.vocab, self.prompt_len, self.m.num_beams
         chosen = snaps[p + 1].beams  # the beams step p made
         pairs = chosen.running_beam_indices[0, :, p].long() * v + chosen.running_sequences[0, :, p_len + p]
-        self.rejected = {q: r for q, r in self.rejected.items() if q < p}
+        self.rejected = {q: r for q, r in self.rejected.items() if q <= p}
         self.rejected[p] = torch.cat([self.rejected.get(p, pairs[:0]), pairs])
         del locations[p + 1:]
         beams, history = snaps[p].beams.clone(), snaps[p].history.clone()
