@@ -149,6 +149,26 @@ class Method:
         return None
 
 
+class LayerRangeMethod(Method):
+    """A method acting in layers [start, end] (parameters `start`, `end`) at every decode step, and at the prompt's
+    last position too unless `on_prefill` is False."""
+
+    on_prefill: ClassVar[bool] = True
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.check_layer_range(info)
+
+    def acts_in(self, layer: int) -> bool:
+        return self.start <= layer <= self.end
+
+    def decode_layers(self, num_layers):
+        return self.layer_range()
+
+    def prefill_layers(self, num_layers):
+        return self.layer_range() if self.on_prefill else set()
+
+
 def start_param(default: int, source: str) -> Param:
     return Param("start", default, "first layer the method acts in (0-indexed)", source, type=int, minimum=0)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, end_param, register, start_param
+from neverfade.methods.base import LayerRangeMethod, Param, end_param, register, start_param
 
 
 @register
-class LocoRE(Method):
+class LocoRE(LayerRangeMethod):
     name = "locore"
     summary = "Reinforce attention to the last few generated tokens (LocoRE)."
+    on_prefill = False  # nothing has been generated at the prompt
     params = (
         Param("beta", None, "gain: weights to recent outputs are multiplied by 1 + beta",
               "paper per family: LLaVA-1.5 0.15, Qwen2-VL 0.20 (LLaVA-NeXT, Qwen2.5-VL: unvalidated)", minimum=0.0),
@@ -25,15 +26,8 @@ class LocoRE(Method):
         end_param("paper: every layer"),
     )
 
-    def bind(self, info):
-        super().bind(info)
-        self.check_layer_range(info)
-
-    def decode_layers(self, num_layers):
-        return self.layer_range()
-
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.start <= layer <= self.end or batch.step < 2:
+        if not self.acts_in(layer) or batch.step < 2:
             return weights
         query = batch.prompt_len + batch.step - 1  # cache index of the token fed at this step
         first = max(batch.prompt_len, query - self.window)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, end_param, per_key, register, start_param
+from neverfade.methods.base import LayerRangeMethod, Param, end_param, per_key, register, start_param
 
 
 @register
-class Naive(Method):
+class Naive(LayerRangeMethod):
     name = "naive"
     summary = "Scale all image attention by a constant (no selection, no progression)."
     params = (
@@ -21,20 +21,10 @@ class Naive(Method):
         end_param("our choice: PAI's layers [2, N)"),
     )
 
-    def bind(self, info):
-        super().bind(info)
-        self.check_layer_range(info)
-
-    def decode_layers(self, num_layers):
-        return self.layer_range()
-
-    def prefill_layers(self, num_layers):
-        return self.layer_range()
-
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.start <= layer <= self.end:
+        if not self.acts_in(layer):
             return weights
         return weights * per_key(batch.state(self).scale, weights.shape[-1])

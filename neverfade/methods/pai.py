@@ -16,13 +16,13 @@ import math
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, end_param, per_key, register, start_param
+from neverfade.methods.base import LayerRangeMethod, Param, end_param, per_key, register, start_param
 
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "mm_encoder_outputs")
 
 
 @register
-class PAI(Method):
+class PAI(LayerRangeMethod):
     name = "pai"
     summary = "Boost image attention logits, z <- z + alpha |z|, optionally with image-free guidance (PAI)."
     params = (
@@ -39,21 +39,14 @@ class PAI(Method):
 
     def bind(self, info):
         super().bind(info)
-        self.check_layer_range(info)
         self.image_token_id = info.image_token_id
         self.strategy = "contrast" if self.cfg else None
-
-    def decode_layers(self, num_layers):
-        return self.layer_range()
-
-    def prefill_layers(self, num_layers):
-        return self.layer_range()
 
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).boost = batch.image_mask.float() * self.alpha
 
     def edit_scores(self, layer: int, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.start <= layer <= self.end:
+        if not self.acts_in(layer):
             return scores
         boost = per_key(batch.state(self).boost, scores.shape[-1], fill=0.0)
         return scores + boost.to(scores.dtype) * scores.abs()

@@ -22,11 +22,11 @@ import functools
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, end_param, register, start_param
+from neverfade.methods.base import LayerRangeMethod, Param, end_param, register, start_param
 
 
 @register
-class SGRS(Method):
+class SGRS(LayerRangeMethod):
     name = "sgrs"
     summary = "Reject candidate tokens with low gradient saliency to the text so far (SGRS)."
     strategy = "rejection"
@@ -45,13 +45,6 @@ class SGRS(Method):
         if self.start is None:
             self.start = info.num_layers // 2
         super().bind(info)
-        self.check_layer_range(info)
-
-    def decode_layers(self, num_layers):
-        return self.layer_range()
-
-    def prefill_layers(self, num_layers):
-        return self.layer_range()
 
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).rows = []
@@ -60,7 +53,7 @@ class SGRS(Method):
         batch.state(self).rows = []
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if self.start <= layer <= self.end and torch.is_grad_enabled():
+        if self.acts_in(layer) and torch.is_grad_enabled():
             if not weights.requires_grad:
                 weights = weights.detach().requires_grad_(True)
             batch.state(self).rows.append(weights)
