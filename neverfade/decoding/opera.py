@@ -14,6 +14,7 @@ for the logits, so the cache, the logits and every method's state are those the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -191,30 +192,35 @@ class BeamSearch:
         """transformers' beam-search step on (N, V) token scores (before logits processors); updates `beams`.
         Returns each new beam's parent slot and token, and whether the search is over."""
         model, n, p_len, cur = self.model, self.m.num_beams, self.prompt_len, beams.cur_len
+        common = dict(num_beams=n, decoder_prompt_len=p_len, early_stopping=self.early_stopping,
+                      length_penalty=self.length_penalty, max_length=self.max_length, batch_size=1,
+                      vocab_size=scores.shape[-1], do_sample=False, beams_to_keep=self.beams_to_keep,
+                      top_num_beam_mask=self.top_num_beam_mask)
         scores = self.processor(beams.running_sequences[0, :, :cur], scores)
         accumulated = (scores + beams.running_beam_scores.view(n, 1)).view(1, -1)
-        topk_scores, topk_sequences, topk_indices = model._get_top_k_continuations(
-            accumulated_log_probs=accumulated, running_sequences=beams.running_sequences,
-            running_beam_indices=beams.running_beam_indices, cur_len=cur, decoder_prompt_len=p_len, do_sample=False,
-            beams_to_keep=self.beams_to_keep, num_beams=n, batch_size=1)
+        topk_scores, topk_sequences, topk_indices = _call(
+            model._get_top_k_continuations, common, accumulated_log_probs=accumulated, cur_len=cur,
+            running_sequences=beams.running_sequences, running_beam_indices=beams.running_beam_indices)
         hits = self.stopping(topk_sequences[0, :, : cur + 1], None).view(1, -1)
-        beams.running_sequences, beams.running_beam_scores, beams.running_beam_indices = (
-            model._get_running_beams_for_next_iteration(topk_scores, topk_sequences, topk_indices, hits, n))
-        beams.sequences, beams.beam_scores, beams.beam_indices, beams.is_sent_finished = model._update_finished_beams(
-            sequences=beams.sequences, topk_running_sequences=topk_sequences, beam_scores=beams.beam_scores,
-            topk_log_probs=topk_scores, beam_indices=beams.beam_indices, topk_running_beam_indices=topk_indices,
-            is_early_stop_heuristic_unsatisfied=beams.unsatisfied, is_sent_finished=beams.is_sent_finished,
-            next_token_hits_stopping_criteria=hits, top_num_beam_mask=self.top_num_beam_mask, num_beams=n,
-            cur_len=cur, decoder_prompt_len=p_len, length_penalty=self.length_penalty,
-            early_stopping=self.early_stopping)
+        beams.running_sequences, beams.running_beam_scores, beams.running_beam_indices = _call(
+            model._get_running_beams_for_next_iteration, common, topk_log_probs=topk_scores,
+            topk_running_sequences=topk_sequences, topk_running_beam_indices=topk_indices,
+            next_token_hits_stopping_criteria=hits)
+        beams.sequences, beams.beam_scores, beams.beam_indices, beams.is_sent_finished = _call(
+            model._update_finished_beams, common, sequences=beams.sequences, topk_running_sequences=topk_sequences,
+            beam_scores=beams.beam_scores, topk_log_probs=topk_scores, beam_indices=beams.beam_indices,
+            topk_running_beam_indices=topk_indices, is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+            is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits, cur_len=cur)
         parents = beams.running_beam_indices[0, :, cur - p_len].long()
         tokens = beams.running_sequences[0, :, cur]
         beams.cur_len = cur + 1
-        beams.unsatisfied = model._check_early_stop_heuristic(
-            beams.unsatisfied, beams.running_beam_scores, beams.beam_scores, beams.is_sent_finished, cur + 1,
-            self.max_length, p_len, self.early_stopping, self.length_penalty)
-        done = not bool(model._beam_search_has_unfinished_sequences(beams.unsatisfied, beams.is_sent_finished, hits,
-                                                                    self.early_stopping))
+        beams.unsatisfied = _call(model._check_early_stop_heuristic, common,
+                                  is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+                                  running_beam_scores=beams.running_beam_scores, beam_scores=beams.beam_scores,
+                                  is_sent_finished=beams.is_sent_finished, cur_len=cur + 1)
+        done = not bool(_call(model._beam_search_has_unfinished_sequences, common,
+                              is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+                              is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits))
         return parents, tokens, done
 
     def rollback_target(self, locations):
@@ -305,6 +311,13 @@ def mode(x: torch.Tensor) -> torch.Tensor:
     counts = (x[..., :, None] == x[..., None, :]).sum(-1)
     top = counts == counts.max(-1, keepdim=True).values
     return torch.where(top, x, x.max() + 1).min(-1).values
+
+
+def _call(helper, common: dict, **arguments):
+    """One of transformers' beam-search helpers, given the arguments it takes: their lists differ between
+    transformers 5 releases (5.17 also takes vocab_size), their names do not."""
+    accepted = inspect.signature(helper).parameters
+    return helper(**{k: v for k, v in {**common, **arguments}.items() if k in accepted})
 
 
 def _rows(key: str, value, index: torch.Tensor):
