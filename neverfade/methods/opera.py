@@ -16,7 +16,9 @@ w `window`, e `early`.
    afterwards phi(c) = min(max_j s_j(c), 65504). Location loc(c) = argmax_j s_j(c) (the first of equal maxima).
 5. Token scores: log_softmax over the candidates of l_c - alpha phi(c); every other token -inf. Then generate's
    logits processors, then transformers' own beam bookkeeping (accumulated log-probs, length penalty, early stopping,
-   end-of-sequence handling), exactly as `generate(num_beams=N)` does.
+   end-of-sequence handling), exactly as `generate(num_beams=N)` does. (If a logits processor excludes every
+   candidate of some beams and too few finite continuations remain, that bookkeeping keeps a continuation scored
+   -inf as a running beam, as it does in generate; its token is then fed on its own: `last_fallbacks` counts it.)
 6. Roll-back: each step records, per beam slot n, m_n = the mode of loc over its candidates (mode: most frequent,
    the smallest of equally frequent), and takes the consensus L = the mode of the m_n. If L >= e and, for every
    slot n, m_n equalled L at more than r of the steps so far, the search rolls back to p = L + 1 (if it already
@@ -30,8 +32,9 @@ Where the authors' code differs, and what we chose:
   all penalised below -999 continues with a non-candidate token. We follow the paper (softmax over the candidate
   set only): non-candidates are -inf.
 - Precision: the code stores s_j in float16, so scores below ~6e-8 become 0 (ties at 0 go to the first column) and
-  scores above 65504 become inf (and then the -999 fillers win). We compute in float64 logs and cap the penalty at
-  65504, float16's largest value; capped candidates keep their order by logit.
+  scores above 65504 become inf (and then the -999 fillers win); with a float16 model the product itself saturates
+  before the 1e-7. We compute in float64 logs and cap the penalty at 65504, float16's largest value; capped
+  candidates keep their order by logit.
 - Window: the code's local window is every response position (its window_size, 512, only bounds its history);
   with at most 512 new tokens the two agree. We apply `window` as the paper's local window.
 - Roll-back bookkeeping: the code demotes rejected tokens to the lowest logit, we exclude them; the code clears
