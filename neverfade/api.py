@@ -62,7 +62,8 @@ class Captioner:
             self.engine.detach()
             self.engine = None
         built = build_methods(methods, params)
-        probes = [self.attention_probe] if self.attention_probe else []
+        beams = any(m.strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
+        probes = [self.attention_probe] if self.attention_probe and not beams else []
         if built or probes:
             self.engine = Engine(self.model, built, probes).attach()
         return self
