@@ -29,8 +29,11 @@ class LocoRE(LayerRangeMethod):
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.acts_in(layer) or batch.step < 2:
             return weights
-        query = batch.prompt_len + batch.step - 1  # cache index of the token fed at this step
-        first = max(batch.prompt_len, query - self.window)
-        gain = torch.ones(weights.shape[-1], dtype=weights.dtype, device=weights.device)
-        gain[first:query] = 1.0 + self.beta
-        return weights * gain
+        key = (batch.prompt_len, batch.step, weights.shape[-1], weights.dtype, weights.device)
+        if getattr(self, "_gain_key", None) != key:  # one gain per step, shared by every layer
+            query = batch.prompt_len + batch.step - 1  # cache index of the token fed at this step
+            first = max(batch.prompt_len, query - self.window)
+            self._gain = torch.ones(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+            self._gain[first:query] = 1.0 + self.beta
+            self._gain_key = key
+        return weights * self._gain
