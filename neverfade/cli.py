@@ -11,6 +11,9 @@ SUBCOMMANDS = {
     "caption": "neverfade.commands.caption",
     "methods": "neverfade.commands.methods",
     "eval": "neverfade.eval.cli",
+    "bench": "neverfade.commands.bench",
+    "analyze": "neverfade.commands.analyze",
+    "demo": "neverfade.commands.demo",
 }
 
 

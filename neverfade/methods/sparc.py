@@ -32,6 +32,7 @@ class SPARC(Method):
         start_param(0, "paper: all layers are calibrated"),
         end_param("paper: all layers are calibrated"),
     )
+    keep_selections = False  # set True to record each step's selection (analysis; the decode step is not captured)
 
     def bind(self, info):
         super().bind(info)
@@ -49,6 +50,7 @@ class SPARC(Method):
         state.ema = torch.zeros(shape, dtype=torch.float32, device=device)
         state.weight = torch.ones(shape, dtype=torch.float32, device=device)  # alpha ** times selected
         state.pending = torch.ones(shape, dtype=torch.float32, device=device)  # this step's selection, applied next
+        state.selections = []
 
     def begin_step(self, batch: Batch) -> None:
         state = batch.state(self)
@@ -64,9 +66,15 @@ class SPARC(Method):
             rise = (current - state.ema) / torch.where(image, state.ema, 1.0)
             selected = image & (rise >= self.tau)
             state.pending.copy_(torch.where(selected, self.alpha, 1.0))
+            if self.keep_selections:
+                state.selections.append(selected)
             state.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
         else:
             state.ema.copy_(current)
+
+    def selections(self, batch: Batch) -> list[torch.Tensor]:
+        """With `keep_selections`: per decode step, the (B, P) bool mask of prompt positions selected at that step."""
+        return batch.state(self).selections
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.start <= layer <= self.end:
