@@ -44,12 +44,19 @@ class Captioner:
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.engine: Engine | None = None
         self.attention_probe: ImageAttentionShare | None = None
+        self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.use(methods)
 
     def record_attention(self, layer: int | None = None) -> "Captioner":
         """From now on, each Caption carries `image_attention`: per new token, the share of attention on the image
         at `layer` (default: SPARC's selection layer for the family)."""
         self.attention_probe = ImageAttentionShare(layer=layer)
+        return self.use(self.methods)
+
+    def watch(self, *probes: Method) -> "Captioner":
+        """From now on, run these observers (neverfade.analysis.probes) beside the methods; `watch()` removes them.
+        Observers force the eager decode path."""
+        self.probes = list(probes)
         return self.use(self.methods)
 
     @property
@@ -63,7 +70,7 @@ class Captioner:
             self.engine = None
         built = build_methods(methods, params)
         beams = any(m.strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
-        probes = [self.attention_probe] if self.attention_probe and not beams else []
+        probes = [] if beams else [p for p in (self.attention_probe, *self.probes) if p is not None]
         if built or probes:
             self.engine = Engine(self.model, built, probes).attach()
         return self
