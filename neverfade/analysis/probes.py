@@ -8,13 +8,12 @@ from neverfade.engine.batch import Batch
 from neverfade.methods.base import Method, Param
 
 
-class ImageAttentionShare(Method):
-    """At one layer, the newest query's attention (averaged over heads) summed over the image tokens, per step: the
-    SPARC paper's "visual attention" (its Fig. 5 and 7a). It is read from the softmax, before any reweighting, so a
-    method that scales value vectors (SPARC) shows only through what it does to later steps."""
+class LayerProbe(Method):
+    """An observer of one layer's attention row (the newest query's), at the prefill's last position and at every
+    decode step. It keeps the batches it saw since the last `take`; the first is the main branch of a two-branch
+    loop (VCD, PAI's guidance)."""
 
-    name = "image_attention_share"
-    summary = "Record the share of attention on image tokens at each step."
+    kept = "rows"  # the name of the per-batch list of records in `batch.state(probe)`
     params = (Param("layer", None, "layer to read, 0-indexed",
                     "our choice: SPARC's selection layer for the family", type=int, minimum=0),)
 
@@ -35,18 +34,52 @@ class ImageAttentionShare(Method):
         return {self.layer}
 
     def begin_batch(self, batch: Batch) -> None:
-        batch.state(self).shares = []
+        setattr(batch.state(self), self.kept, [])
         self.batches.append(batch)
 
     def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
         if layer == self.layer:
-            share = (probs.mean(dim=(1, 2))[:, : batch.prompt_len] * batch.image_mask).sum(-1)
-            batch.state(self).shares.append(share)
+            prompt_attention = probs.mean(dim=(1, 2))[:, : batch.prompt_len]
+            getattr(batch.state(self), self.kept).append(self.record(prompt_attention, batch))
 
-    def take(self) -> torch.Tensor | None:
-        """(B, steps) shares of the first batch since the last take: the main branch of a two-branch loop."""
+    def record(self, prompt_attention: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """What to keep of one step: `prompt_attention` is (B, P), the head-averaged attention to the prompt."""
+        raise NotImplementedError
+
+    def take_batch(self) -> tuple[Batch, torch.Tensor] | None:
+        """The first batch since the last take, with its records stacked as (B, steps, ...); None if none ran."""
         if not self.batches:
             return None
-        shares = self.batches[0].state(self).shares
-        self.batches = []
-        return torch.stack(shares, dim=1) if shares else None
+        batch, self.batches = self.batches[0], []
+        rows = getattr(batch.state(self), self.kept)
+        return (batch, torch.stack(rows, dim=1)) if rows else None
+
+
+class ImageAttentionShare(LayerProbe):
+    """At one layer, the newest query's attention (averaged over heads) summed over the image tokens, per step: the
+    SPARC paper's "visual attention" (its Fig. 5 and 7a). It is read from the softmax, before any reweighting, so a
+    method that scales value vectors (SPARC) shows only through what it does to later steps."""
+
+    name = "image_attention_share"
+    summary = "Record the share of attention on image tokens at each step."
+    kept = "shares"
+
+    def record(self, prompt_attention, batch):
+        return (prompt_attention * batch.image_mask).sum(-1)
+
+    def take(self) -> torch.Tensor | None:
+        """(B, steps) shares of the first batch since the last take."""
+        taken = self.take_batch()
+        return taken[1] if taken else None
+
+
+class ImageAttentionMap(LayerProbe):
+    """At one layer, the newest query's attention (averaged over heads) to every prompt position, zero off the image,
+    per step: `take_batch()` gives (B, steps, P). Summed over the image it is ImageAttentionShare's share; over the
+    image's token grid it is the map whose consecutive Wasserstein distances the SPARC paper plots (its Fig. 3)."""
+
+    name = "image_attention_map"
+    summary = "Record the attention to each image token at each step."
+
+    def record(self, prompt_attention, batch):
+        return prompt_attention * batch.image_mask
