@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from neverfade.analysis.probes import ImageAttentionShare
+from neverfade.decoding.captured import static_decode
 from neverfade.engine.engine import Engine
 from neverfade.methods import build_methods
 from neverfade.methods.base import Method
@@ -36,7 +38,8 @@ class Caption:
 class Captioner:
     """A model, its processor, and the methods attached to it."""
 
-    def __init__(self, model, processor, methods: Iterable[Method | str] = (), name: str | None = None):
+    def __init__(self, model, processor, methods: Iterable[Method | str] = (), name: str | None = None,
+                 decode: str = "auto"):
         model_info(model)  # refuse unsupported architectures before anything else
         self.model = model.eval()
         self.processor = processor
@@ -45,6 +48,7 @@ class Captioner:
         self.engine: Engine | None = None
         self.attention_probe: ImageAttentionShare | None = None
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
+        self.decode = decode
         self.use(methods)
 
     def record_attention(self, layer: int | None = None) -> "Captioner":
@@ -110,13 +114,40 @@ class Captioner:
         return [Caption(t.strip(), int(n), seconds, s[:n] if s is not None else None)
                 for t, n, s in zip(texts, counts, shares)]
 
+    @property
+    def decode(self) -> str:
+        """"captured": a static KV cache with each decode step replayed from a CUDA graph (without CUDA: the same
+        static loop, eagerly); "eager": generate's own loop; "auto": captured on CUDA where the methods allow."""
+        return self._decode
+
+    @decode.setter
+    def decode(self, value: str) -> None:
+        if value not in ("auto", "captured", "eager"):
+            raise ValueError(f"decode must be auto, captured or eager, not {value!r}")
+        self._decode = value
+
+    def decode_path(self) -> str:
+        """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
+        "strategy" (a method's own loop) or "eager"."""
+        if self.engine is not None and self.engine.custom_generate() is not None:
+            return "strategy"
+        if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
+            return "eager"
+        if self.model.device.type == "cuda":
+            return "captured"
+        return "static" if self.decode == "captured" else "eager"
+
     def generate(self, **inputs_and_kwargs):
-        """`model.generate` with the attached methods' decoding loop, if one of them has its own."""
-        decoder = self.engine.custom_generate() if self.engine is not None else None
-        if decoder is not None:
-            inputs_and_kwargs.setdefault("custom_generate", decoder)
+        """`model.generate` with the attached methods' decoding loop, or the captured decode path."""
+        path = self.decode_path()
+        if path == "strategy":
+            inputs_and_kwargs.setdefault("custom_generate", self.engine.custom_generate())
             inputs_and_kwargs.setdefault("neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items()
                                                               if isinstance(v, torch.Tensor)})
+        elif path in ("captured", "static") and inputs_and_kwargs.get("num_beams", 1) == 1:
+            inputs_and_kwargs.setdefault("cache_implementation", "static")
+            inputs_and_kwargs.setdefault("custom_generate", functools.partial(static_decode,
+                                                                              capture=path == "captured"))
         return self.model.generate(**inputs_and_kwargs)
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:

@@ -264,7 +264,8 @@ class BeamSearch:
     # ---- the cache, the engine's Batch and the kwargs, kept row for row ----
     def forward(self, tokens: torch.Tensor, position: int):
         """Feed one token per row at response position `position`; returns (R, V) logits and the (R, T) row."""
-        self.batch.step = position
+        self.batch.step = position  # the engine's pre-hook advances both by one
+        self.batch.query_index.fill_(self.batch.prompt_len - 1 + position)
         kwargs = dict(self.image_kwargs)
         if position:
             kwargs = self.model._update_model_kwargs_for_generation({}, kwargs, num_new_tokens=position)

@@ -11,11 +11,16 @@ from types import SimpleNamespace
 import torch
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a Batch is one running batch
 class Batch:
     image_mask: torch.Tensor  # (B, P) bool: which prompt keys are image tokens, per sequence (left padding included)
-    step: int = 0  # 0 while the prompt is prefilled; t at decode step t
+    step: int = 0  # 0 while the prompt is prefilled; t at decode step t (not advanced by a replayed CUDA graph)
+    query_index: torch.Tensor = None  # () long, on the device: the cache index of the newest query token
     _state: dict[str, SimpleNamespace] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.query_index is None:
+            self.query_index = torch.tensor(self.prompt_len - 1, device=self.image_mask.device)
 
     @property
     def prompt_len(self) -> int:

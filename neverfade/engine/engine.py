@@ -69,10 +69,12 @@ class Engine:
         self.batch = None
 
     def _before_forward(self, module, args, kwargs):
-        """Start a Batch at a prefill, or advance the cache's Batch by one decode step."""
+        """Start a Batch at a prefill, or advance the cache's Batch by one decode step. Only tensor work happens
+        per decode step (no host synchronisation), so a captured step replays it."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        if cache is None or cache.get_seq_length() == 0:
+        known = self._batches.get(cache, self.batch) if cache is not None else None
+        if known is None or input_ids is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
             if input_ids is None:
                 raise ValueError("neverfade needs input_ids at the prefill to find the image tokens")
             self.batch = Batch(image_mask=input_ids == self.info.image_token_id)
@@ -81,15 +83,19 @@ class Engine:
             for m in self.hooks:
                 m.begin_batch(self.batch)
             return None
-        self.batch = self._batches.get(cache, self.batch)
-        if self.batch is None:
-            return None
+        self.batch = known
         if input_ids is not None and input_ids.shape[0] != self.batch.size:
             raise RuntimeError("the batch changed size between steps; beam search is not supported")
         self.batch.step += 1
+        self.batch.query_index.add_(1)
         for m in self.hooks:
             m.begin_step(self.batch)
         return None
+
+    @property
+    def capturable(self) -> bool:
+        """Whether every attached method and probe can run inside a captured decode step."""
+        return all(m.capturable for m in self.hooks)
 
     # ---- the attention call ----
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):

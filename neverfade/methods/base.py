@@ -65,6 +65,7 @@ class Method:
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     strategy: ClassVar[str | None] = None  # a decoding strategy of its own ("contrast", "rejection", "beam")
+    capturable: ClassVar[bool] = False  # per-step work is tensor work only: it can run in a captured decode step
 
     def __init__(self, **values: Any):
         known = {p.name: p for p in self.params}

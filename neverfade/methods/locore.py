@@ -26,14 +26,16 @@ class LocoRE(LayerRangeMethod):
         end_param("paper: every layer"),
     )
 
+    capturable = True
+
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.acts_in(layer) or batch.step < 2:
+        if not self.acts_in(layer):
             return weights
-        key = (batch.prompt_len, batch.step, weights.shape[-1], weights.dtype, weights.device)
-        if getattr(self, "_gain_key", None) != key:  # one gain per step, shared by every layer
-            query = batch.prompt_len + batch.step - 1  # cache index of the token fed at this step
-            first = max(batch.prompt_len, query - self.window)
-            self._gain = torch.ones(weights.shape[-1], dtype=weights.dtype, device=weights.device)
-            self._gain[first:query] = 1.0 + self.beta
-            self._gain_key = key
+        keys = weights.shape[-1]
+        if getattr(self, "_gain_for", None) != (batch, batch.step, keys):  # one gain per step, shared by every layer
+            index = torch.arange(keys, device=weights.device)
+            query = batch.query_index  # on the device, so that a replayed step moves the window
+            recent = (index >= batch.prompt_len) & (index >= query - self.window) & (index < query)
+            self._gain = torch.where(recent, 1.0 + self.beta, 1.0).to(weights.dtype)
+            self._gain_for = (batch, batch.step, keys)
         return weights * self._gain

@@ -21,6 +21,8 @@ class Naive(LayerRangeMethod):
         end_param("our choice: PAI's layers [2, N)"),
     )
 
+    capturable = True
+
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
 

@@ -41,6 +41,7 @@ class PAI(LayerRangeMethod):
         super().bind(info)
         self.image_token_id = info.image_token_id
         self.strategy = "contrast" if self.cfg else None
+        self.capturable = not self.cfg
 
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).boost = batch.image_mask.float() * self.alpha

@@ -34,6 +34,10 @@ class SPARC(Method):
     )
     keep_selections = False  # set True to record each step's selection (analysis; the decode step is not captured)
 
+    @property
+    def capturable(self) -> bool:
+        return not self.keep_selections
+
     def bind(self, info):
         super().bind(info)
         self.check_layer_range(info, "layer")
@@ -49,13 +53,14 @@ class SPARC(Method):
         state = batch.state(self)
         state.ema = torch.zeros(shape, dtype=torch.float32, device=device)
         state.weight = torch.ones(shape, dtype=torch.float32, device=device)  # alpha ** times selected
-        state.pending = torch.ones(shape, dtype=torch.float32, device=device)  # this step's selection, applied next
-        state.selections = []
+        state.pending = torch.zeros(shape, dtype=torch.bool, device=device)  # this step's selection, applied next
+        if self.keep_selections:
+            state.selections = []
 
     def begin_step(self, batch: Batch) -> None:
         state = batch.state(self)
-        state.weight.mul_(state.pending)
-        state.pending.fill_(1.0)
+        state.weight.mul_(torch.where(state.pending, self.alpha, 1.0))
+        state.pending.fill_(False)
 
     def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
         if layer != self.layer:
@@ -65,7 +70,7 @@ class SPARC(Method):
         if batch.step > 0:
             rise = (current - state.ema) / torch.where(image, state.ema, 1.0)
             selected = image & (rise >= self.tau)
-            state.pending.copy_(torch.where(selected, self.alpha, 1.0))
+            state.pending.copy_(selected)
             if self.keep_selections:
                 state.selections.append(selected)
             state.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
@@ -74,7 +79,7 @@ class SPARC(Method):
 
     def selections(self, batch: Batch) -> list[torch.Tensor]:
         """With `keep_selections`: per decode step, the (B, P) bool mask of prompt positions selected at that step."""
-        return batch.state(self).selections
+        return getattr(batch.state(self), "selections", [])
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self.start <= layer <= self.end:

@@ -1,0 +1,160 @@
+"""The fast decode path: a static KV cache, and every decode step replayed from one captured CUDA graph.
+
+Run through `generate(cache_implementation="static", custom_generate=static_decode)`. The prefill and the first
+decode step run eagerly (the first decode step doubles as the warm-up that CUDA graph capture needs); the second step
+is captured, and every later step replays it. The step's inputs live in fixed buffers that the graph itself advances
+(positions +1, the new key unmasked), so the host only writes the chosen token and never waits for the GPU, except
+every `check_every` steps to see whether every sequence has finished. Methods run inside the graph: their per-step
+state must be tensors updated in place, never Python values (`Method.capturable`).
+
+Without CUDA (or with `capture=False`) the same loop runs the step eagerly: that is the reference the captured
+replay is checked against.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from neverfade.decoding.loop import DecodingLoop
+
+log = logging.getLogger("neverfade")
+
+ADVANCING = ("position_ids", "cache_position")  # +1 per step
+CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict")
+
+
+class CaptureUnsupported(RuntimeError):
+    pass
+
+
+class StaticLoop(DecodingLoop):
+    def __init__(self, capture: bool, check_every: int = 16, **loop):
+        super().__init__(**loop)
+        self.capture = capture
+        self.check_every = check_every
+        self.graph = self.static = None
+        self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
+
+    # ---- the step's fixed buffers ----
+    def _buffers(self, input_ids, kwargs):
+        """The first decode step's inputs, as generate prepares them, copied into buffers the graph can own."""
+        inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, is_first_iteration=False,
+                                                          **kwargs)
+        cache = inputs.get("past_key_values")
+        if cache is None or not getattr(cache, "is_compileable", False):
+            raise CaptureUnsupported("the KV cache is not static")
+        static = {"past_key_values": cache}
+        for name, value in inputs.items():
+            if name in ("past_key_values", "attention_mask"):
+                continue
+            if isinstance(value, torch.Tensor):
+                if name != "input_ids" and name not in ADVANCING and name not in CONSTANT:
+                    raise CaptureUnsupported(f"unknown per-step input {name!r}")
+                value = value.clone()
+            static[name] = value
+        keys = cache.layers[0].max_cache_len
+        mask = kwargs.get("attention_mask")
+        prompt = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        key_ok = torch.nn.functional.pad(prompt, (0, keys - prompt.shape[1]), value=True)
+        self.query = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)  # cache index of the fed token
+        self.key_index = torch.arange(keys, device=input_ids.device)
+        self.key_ok = key_ok
+        static["attention_mask"] = (key_ok & (self.key_index <= self.query))[:, None, None, :].contiguous()
+        static["return_dict"] = True
+        return static
+
+    def _step(self):
+        out = self.model(**self.static)
+        self.logits.copy_(out.logits[:, -1])
+        for name in ADVANCING:
+            if isinstance(self.static.get(name), torch.Tensor):
+                self.static[name].add_(1)
+        self.query.add_(1)
+        self.static["attention_mask"].logical_or_(self.key_index == self.query)
+
+    def _next_logits(self, input_ids, tokens, step: int) -> torch.Tensor:
+        """Logits of decode step `step` (1-based), whose input is the newest `tokens`."""
+        if self.static is None:  # inputs the buffers cannot follow: generate's own preparation, eagerly
+            out, self.kwargs = self.forward(input_ids, self.kwargs, first=False)
+            return out.logits[:, -1].float()
+        self.static["input_ids"].copy_(tokens[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture and step == 1:  # the warm-up capture needs, on a side stream
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+        elif self.capture and step == 2:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._step()
+                self.graph, self.captured = graph, True
+                graph.replay()
+            except Exception as err:  # capture is an optimisation: say why, once, and go on eagerly
+                self.capture = False
+                log.warning("neverfade: the decode step could not be captured in a CUDA graph (%s); decoding "
+                            "eagerly", (str(err).splitlines() or [type(err).__name__])[0])
+                self._step()  # a failed capture ran nothing
+        else:
+            self._step()
+        return self.logits
+
+    def run(self, input_ids, model_kwargs):
+        pad = self.config._pad_token_tensor
+        has_eos = any(hasattr(c, "eos_token_id") for c in self.stopping_criteria)
+        batch, prompt_len = input_ids.shape
+        device = input_ids.device
+        unfinished = torch.ones(batch, dtype=torch.long, device=device)
+        done_at = torch.zeros((), dtype=torch.long, device=device)  # new tokens when every sequence had finished
+        out, self.kwargs = self.forward(input_ids, model_kwargs, first=True)
+        logits = out.logits[:, -1].float()
+        self.logits = torch.empty_like(logits)
+        step = 0
+        while True:
+            scores = self.logits_processor(input_ids, logits)
+            tokens = self.choose(input_ids, logits, scores)
+            if has_eos and pad is not None:
+                tokens = tokens * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            if self.streamer is not None:
+                self.streamer.put(tokens.cpu())
+            unfinished = unfinished & ~self.stopping_criteria(input_ids, scores)
+            step += 1
+            done_at = torch.where((done_at == 0) & (unfinished.max() == 0), step, done_at)
+            if input_ids.shape[1] >= self.config.max_length or (step % self.check_every == 0 and done_at > 0):
+                break
+            if step == 1:
+                try:
+                    self.static = self._buffers(input_ids, self.kwargs)
+                except CaptureUnsupported as err:
+                    log.warning("neverfade: %s; decoding with generate's own step preparation", err)
+                    self.static = None
+            logits = self._next_logits(input_ids, tokens, step)
+        if self.streamer is not None:
+            self.streamer.end()
+        self.graph = None  # frees the graph's memory pool
+        stop = int(done_at)
+        if stop:
+            input_ids = input_ids[:, : prompt_len + stop]
+        if self.config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=input_ids, past_key_values=model_kwargs.get("past_key_values"))
+        return input_ids
+
+
+def static_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                  streamer=None, *, capture=None, neverfade_inputs=None, **model_kwargs):
+    """Decode with the static cache generate made; `capture`: replay steps from a CUDA graph (default: on CUDA)."""
+    if synced_gpus:
+        raise ValueError("the captured decode path does not support synced_gpus")
+    if capture is None:
+        capture = input_ids.device.type == "cuda"
+    loop = StaticLoop(capture, model=model, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                      generation_config=generation_config, streamer=streamer)
+    model._neverfade_last_loop = loop
+    return loop.run(input_ids, model_kwargs)
