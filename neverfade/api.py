@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,18 @@ class Captioner:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
+    def inputs(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT):
+        """The processor's batch for `images` (PIL images or paths) and prompts, on the model's device."""
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        pil = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in images]
+        inputs = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt",
+                                padding=True).to(self.model.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
     @torch.no_grad()  # not inference_mode: SGRS takes gradients inside its loop
     def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
                 do_sample: bool = False, **generate_kwargs) -> list[Caption]:
@@ -95,17 +108,10 @@ class Captioner:
         if generate_kwargs.get("num_beams", 1) > 1 and self.engine is not None:
             raise ValueError("beam search is not supported with attention methods attached (their per-sequence "
                              "state would not follow the beams); use greedy decoding or sampling")
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        pil = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in images]
-        inputs = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt",
-                                padding=True).to(self.model.device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.inputs(images, prompt)
         start = time.perf_counter()
         out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
-        seconds = (time.perf_counter() - start) / len(pil)
+        seconds = (time.perf_counter() - start) / len(images)
         new = out[:, inputs["input_ids"].shape[1]:]
         counts = self._count_new_tokens(new)
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
@@ -117,13 +123,14 @@ class Captioner:
     @property
     def decode(self) -> str:
         """"captured": a static KV cache with each decode step replayed from a CUDA graph (without CUDA: the same
-        static loop, eagerly); "eager": generate's own loop; "auto": captured on CUDA where the methods allow."""
+        loop, eagerly); "static": that loop run eagerly (the reference for the captured replay); "eager": generate's
+        own loop; "auto": captured on CUDA where the methods allow, else eager."""
         return self._decode
 
     @decode.setter
     def decode(self, value: str) -> None:
-        if value not in ("auto", "captured", "eager"):
-            raise ValueError(f"decode must be auto, captured or eager, not {value!r}")
+        if value not in ("auto", "captured", "static", "eager"):
+            raise ValueError(f"decode must be auto, captured, static or eager, not {value!r}")
         self._decode = value
 
     def decode_path(self) -> str:
@@ -133,6 +140,8 @@ class Captioner:
             return "strategy"
         if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
             return "eager"
+        if self.decode == "static":
+            return "static"
         if self.model.device.type == "cuda":
             return "captured"
         return "static" if self.decode == "captured" else "eager"
@@ -140,6 +149,11 @@ class Captioner:
     def generate(self, **inputs_and_kwargs):
         """`model.generate` with the attached methods' decoding loop, or the captured decode path."""
         path = self.decode_path()
+        if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":
+            reason = "has its own decoding loop" if path == "strategy" else "keeps per-step state on the host"
+            names = [m.name for m in self.engine.hooks if path == "eager" and not m.capturable or
+                     path == "strategy" and m.strategy]
+            _log_once(f"neverfade: {'+'.join(names)} {reason}; decode steps run eagerly (not captured)")
         if path == "strategy":
             inputs_and_kwargs.setdefault("custom_generate", self.engine.custom_generate())
             inputs_and_kwargs.setdefault("neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items()
@@ -161,6 +175,11 @@ class Captioner:
         return first.tolist()
 
 
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logging.getLogger("neverfade").warning(message)
+
+
 def attach(model, processor, *methods: Method | str, **params: Any) -> Captioner:
     """Attach methods to a model you already hold: `attach(model, processor, "sparc", tau=2.0)`.
 
@@ -179,10 +198,15 @@ def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),
 
     from neverfade.models.families import check_supported
 
-    path, name = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
     built = build_methods(methods, method_params)  # bad method names and values fail before the model loads
+    if str(model).startswith("random:") and str(model).endswith(":7b"):
+        from neverfade.models.random import random_model
+
+        net, processor = random_model(str(model).split(":")[1], "7b", dtype=dtype, device=device)
+        return Captioner(net.eval(), processor, built, name=str(model))
+    path, name = resolve_model(model)
     check_supported(AutoConfig.from_pretrained(path))
     net = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     processor = load_processor(path, _processor_class(path))
@@ -190,7 +214,8 @@ def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),
 
 
 def resolve_model(model: str | Path | None) -> tuple[str, str]:
-    """(path or hub id to load, the name recorded with results). `random:<family>` builds a tiny random model."""
+    """(path or hub id to load, the name recorded with results). `random:<family>` builds a tiny random model
+    (`random:<family>:7b`, the real size, is built in memory by `load`)."""
     if model is None:
         from neverfade.models.default import default_model
 

@@ -14,7 +14,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help="a local model folder or hub id (default: the embedded model; random:<family> builds a "
-                            "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl)")
+                            "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl; "
+                            "random:<family>:7b one of the real size, built in memory)")
     group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")

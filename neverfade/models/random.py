@@ -144,8 +144,9 @@ def _qwen_parts(size: str, v25: bool):
     return config, processor
 
 
-def build_random(family: str, path: str | Path, size: str = "tiny", seed: int = 0, dtype=torch.float32) -> Path:
-    """Build a random-weight model of `family` with its processor and save both under `path`."""
+def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu"):
+    """A random-weight (model, processor) of `family`, built in memory on `device` (a 7B model in seconds on a GPU;
+    the same seed gives the same weights on the same kind of device)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     if size not in ("tiny", "7b"):
@@ -155,9 +156,16 @@ def build_random(family: str, path: str | Path, size: str = "tiny", seed: int = 
     else:
         config, processor = _qwen_parts(size, family == "qwen2_5_vl")
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model, processor
+
+
+def build_random(family: str, path: str | Path, size: str = "tiny", seed: int = 0, dtype=torch.float32) -> Path:
+    """Build a random-weight model of `family` with its processor and save both under `path`."""
+    model, processor = random_model(family, size, seed, dtype)
     path = Path(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)

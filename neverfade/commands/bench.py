@@ -1,0 +1,263 @@
+"""`neverfade bench`: decoding speed and memory of each method, against the baseline measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+
+DEFAULT_METHODS = ["sparc", "naive", "locore", "sgrs"]
+STOCK = "stock generate"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="time decoding with each method against the baseline",
+        description="Time decoding: ms per token, tokens per second and peak GPU memory for the baseline and each "
+                    "method, at each batch size, with one image per prompt and a forced caption length. A method's "
+                    "overhead is its ratio to the baseline timed in the same run (settings interleaved, best of "
+                    "--repeats). Stock transformers generate (dynamic cache, no neverfade) is timed alongside.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", action="append", default=None,
+                   help="model to time (repeatable): random:<family>:7b for random weights at the real size, a "
+                        "local folder or a hub id. Default: random:llava:7b and random:qwen2_vl:7b on CUDA, "
+                        "random:llava (tiny) on a CPU")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--method", action="append", default=None, metavar="SPEC",
+                   help="a method setting to time against the baseline, e.g. sparc, sparc:tau=2+locore "
+                        "(repeatable; default: " + ", ".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B")
+    p.add_argument("--new-tokens", type=int, default=512, help="forced caption length")
+    p.add_argument("--image-size", type=int, default=336, help="side of the square synthetic image, in pixels")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the best counts")
+    p.add_argument("--no-stock", action="store_true", help="skip timing stock generate")
+    p.add_argument("--decode", default="auto", choices=["auto", "captured", "static", "eager"],
+                   help="neverfade's decode path (auto: captured on CUDA)")
+    p.add_argument("--check", action="store_true",
+                   help="also check, per setting, that the decode path gives the same tokens as the same loop run "
+                        "eagerly, over --check-tokens tokens")
+    p.add_argument("--check-tokens", type=int, default=128)
+    p.add_argument("--out", default="bench.json", help="JSON results")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from neverfade.cli import UserError
+    from neverfade.eval.report import write_json
+    from neverfade.eval.scenes import parse_run
+
+    if args.new_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1:
+        raise UserError("--new-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = args.model or (["random:llava:7b", "random:qwen2_vl:7b"] if device.startswith("cuda")
+                            else ["random:llava"])
+    settings = [("baseline", [], {})]
+    for spec in args.method or DEFAULT_METHODS:
+        names, params = parse_run(spec, {})
+        settings.append((spec, names, params))
+    report = {"environment": environment(device), "new_tokens": args.new_tokens, "image_size": args.image_size,
+              "rows": [], "checks": []}
+    for model_name in models:
+        captioner = _load(model_name, device, args.dtype)
+        for batch_size in args.batch_sizes:
+            rows = bench_batch(captioner, model_name, settings, batch_size, args)
+            report["rows"] += rows
+            if args.check:
+                report["checks"] += check_batch(captioner, model_name, settings, batch_size, args)
+            write_json(args.out, report)  # after every batch size, so an interrupted bench keeps what it measured
+        del captioner
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print(table(report["rows"]))
+    for c in report["checks"]:
+        print(f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']} vs {c['reference']}: "
+              + ("same tokens" if c["same"] else f"first difference at token {c['first_difference']}"))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if all(c["same"] for c in report["checks"]) else 1
+
+
+def _load(model_name, device, dtype):
+    from neverfade.cli import UserError
+    from neverfade.commands.options import quiet_transformers
+
+    import neverfade
+
+    quiet_transformers()
+    try:
+        return neverfade.load(model_name, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise UserError(f"cannot load model {model_name!r}: {str(err).splitlines()[0]}") from None
+
+
+def environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    import neverfade
+
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+    return {"date": datetime.date.today().isoformat(), "device": gpu, "torch": torch.__version__,
+            "transformers": transformers.__version__, "neverfade": neverfade.__version__,
+            "python": platform.python_version()}
+
+
+def _images(batch_size: int, size: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch_size)]
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(captioner, inputs, new_tokens: int):
+    """Seconds of one forced-length greedy generate, and its output."""
+    import torch
+
+    _sync(captioner.model.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = captioner.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    _sync(captioner.model.device)
+    return time.perf_counter() - start, out
+
+
+def _use(captioner, setting, decode: str):
+    label, names, params = setting
+    captioner.use(names, params)
+    captioner.decode = "eager" if label == STOCK else decode
+
+
+def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
+    """Time every setting at one batch size, interleaved, best of `repeats`."""
+    import torch
+
+    device = captioner.model.device
+    inputs = captioner.inputs(_images(batch_size, args.image_size))
+    runs = settings + ([(STOCK, [], {})] if not args.no_stock else [])
+    best: dict[str, dict] = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up kernels and allocators, untimed
+        for setting in runs:
+            label = setting[0]
+            if label in best and best[label].get("error"):
+                continue
+            _use(captioner, setting, args.decode)
+            try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                prefill, _ = _timed(captioner, inputs, 1)
+                total, out = _timed(captioner, inputs, args.new_tokens if repeat else 8)
+            except torch.OutOfMemoryError:
+                best[label] = {"error": "out of memory"}
+                torch.cuda.empty_cache()
+                continue
+            if not repeat:
+                continue
+            row = _row(captioner, label, prefill, total, batch_size, args.new_tokens, out)
+            if label not in best or row["ms_per_token"] < best[label]["ms_per_token"]:
+                best[label] = row
+    base = best.get("baseline", {}).get("ms_per_token")
+    rows = []
+    for setting in runs:
+        row = {"model": model_name, "batch_size": batch_size, "setting": setting[0], **best[setting[0]]}
+        if base and "ms_per_token" in row:
+            row["overhead"] = round(row["ms_per_token"] / base, 4)
+        rows.append(row)
+        print(_line(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
+    import torch
+
+    device = captioner.model.device
+    loop = getattr(captioner.model, "_neverfade_last_loop", None)
+    path = captioner.decode_path()
+    if path == "captured" and loop is not None and not loop.captured:
+        path = "static (capture failed)"
+    captioner.model._neverfade_last_loop = None
+    ms = (total - prefill) / (new_tokens - 1) * 1000
+    row = {"path": path, "ms_per_token": round(ms, 3), "tokens_per_s": round(batch_size * 1000 / ms, 1),
+           "prefill_s": round(prefill, 4)}
+    if device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    state = state_floats_per_image_token(captioner)
+    if state:
+        row["state_floats_per_image_token"] = state
+    return row
+
+
+def state_floats_per_image_token(captioner) -> dict[str, float]:
+    """Each method's per-batch state, in 4-byte floats per image token per sequence (beyond the KV cache)."""
+    import torch
+
+    engine = captioner.engine
+    batch = engine.batch if engine is not None else None
+    if batch is None or not batch.image_mask.any():
+        return {}
+    image_tokens = int(batch.image_mask.sum())
+    out = {}
+    for m in engine.methods:
+        state = batch._state.get(m.name)
+        tensors = [v for v in vars(state).values() if isinstance(v, torch.Tensor)] if state else []
+        if tensors:
+            out[m.name] = round(sum(t.numel() * t.element_size() for t in tensors) / 4 / image_tokens, 3)
+    return out
+
+
+def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
+    """Tokens of the decode path against the same loop run eagerly ("static"), per setting."""
+    import torch
+
+    inputs = captioner.inputs(_images(batch_size, args.image_size))
+    results = []
+    for setting in settings:
+        _use(captioner, setting, args.decode)
+        path = captioner.decode_path()
+        if path not in ("captured",):
+            continue
+        _, fast = _timed(captioner, inputs, args.check_tokens)
+        captioner.decode = "static"
+        _, reference = _timed(captioner, inputs, args.check_tokens)
+        prompt = inputs["input_ids"].shape[1]
+        fast, reference = fast[:, prompt:], reference[:, prompt:]
+        differs = (fast != reference).any(0).nonzero()
+        results.append({"model": model_name, "batch_size": batch_size, "setting": setting[0], "path": path,
+                        "reference": "static", "tokens": int(fast.numel()), "same": bool(torch.equal(fast, reference)),
+                        "first_difference": int(differs[0]) if len(differs) else None})
+    return results
+
+
+def _line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['model']} batch {row['batch_size']} {row['setting']}: {row['error']}"
+    return (f"{row['model']} batch {row['batch_size']} {row['setting']} ({row['path']}): "
+            f"{row['ms_per_token']:.2f} ms/token, x{row.get('overhead', float('nan')):.3f}")
+
+
+def table(rows: list[dict]) -> str:
+    header = ["model", "batch", "setting", "path", "ms/token", "tokens/s", "x baseline", "peak GiB",
+              "state floats/img token"]
+    lines = []
+    for r in rows:
+        state = ", ".join(f"{k} {v:g}" for k, v in r.get("state_floats_per_image_token", {}).items())
+        if "error" in r:
+            lines.append([r["model"], str(r["batch_size"]), r["setting"], r["error"], "", "", "", "", ""])
+            continue
+        lines.append([r["model"], str(r["batch_size"]), r["setting"], r["path"], f"{r['ms_per_token']:.2f}",
+                      f"{r['tokens_per_s']:.1f}", f"{r['overhead']:.3f}" if "overhead" in r else "",
+                      f"{r['peak_gib']:.2f}" if "peak_gib" in r else "", state])
+    widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
+    fmt = lambda x: " | ".join(c.ljust(w) for c, w in zip(x, widths))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
