@@ -48,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from neverfade.data.samples import sample_scene_items
     from neverfade.methods import ParameterError, build_methods
 
+    try:
+        import matplotlib  # noqa: F401
+        import ot  # noqa: F401
+    except ImportError:
+        raise UserError("neverfade analyze needs matplotlib and POT: pip install 'neverfade[analysis]'") from None
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--saliency-max", args.saliency_max),
                         ("--diversity-tokens", args.diversity_tokens)):
         if value < 1:
@@ -67,23 +72,19 @@ def run(args: argparse.Namespace) -> int:
     captioner = load_captioner(args, names, params)
     settings = [(names, params)] + ([(["baseline"], {})] if args.vs_baseline and names != ["baseline"] else [])
     spec = parse_saliency_tokens(args.saliency_tokens)
-    results, started = {}, time.perf_counter()
+    results, described, started = {}, {}, time.perf_counter()
     for setting_names, setting_params in settings:
         try:
             captioner.use(setting_names, setting_params)
             label = "+".join(m.name for m in captioner.methods) or "baseline"
+            described[label] = captioner.describe()
             results[label] = analyze_setting(captioner, items, args.prompt or DEFAULT_PROMPT, args.max_new_tokens,
                                              args.layer, spec, args.diversity_tokens, args.saliency_max)
         except ParameterError as err:
             raise UserError(str(err)) from None
         print(f"{label}: {len(items)} images analyzed", file=sys.stderr)
-    layer = args.layer if args.layer is not None else captioner.engine.info.default("sparc", "layer") \
-        if captioner.engine else None
     meta = {"model": captioner.name, "layer": _layer(captioner, args.layer), "prompt": args.prompt or DEFAULT_PROMPT,
-            "max_new_tokens": args.max_new_tokens, "diversity_tokens": args.diversity_tokens,
-            "methods": {label: [m.describe() for m in captioner.use(n, p).methods] for (n, p), label
-                        in zip(settings, results)}}
-    del layer
+            "max_new_tokens": args.max_new_tokens, "diversity_tokens": args.diversity_tokens, "methods": described}
     report = write_report(Path(args.out), results, meta)
     print(f"wrote {Path(args.out) / 'analysis.json'} and {len(report['plots'])} plots in "
           f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
