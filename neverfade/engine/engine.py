@@ -34,6 +34,9 @@ class Engine:
         n = self.info.num_layers
         self.decode_layers = [[m for m in self.hooks if layer in m.decode_layers(n)] for layer in range(n)]
         self.prefill_layers = [[m for m in self.hooks if layer in m.prefill_layers(n)] for layer in range(n)]
+        self.decode_rows = [self._row_methods(layer, ms) for layer, ms in enumerate(self.decode_layers)]
+        self.prefill_rows = [self._row_methods(layer, ms) for layer, ms in enumerate(self.prefill_layers)]
+        self._step_cache: dict = {}  # per forward: the methods' combined key edits and the mask bias
         self.batch: Batch | None = None  # the batch whose forward is running
         self._batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Batch
         self._hook = None
@@ -73,6 +76,7 @@ class Engine:
         per decode step (no host synchronisation), so a captured step replays it."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
+        self._step_cache = {}
         known = self._batches.get(cache, self.batch) if cache is not None else None
         if known is None or input_ids is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
             if input_ids is None:
@@ -98,20 +102,58 @@ class Engine:
         return all(m.capturable for m in self.hooks)
 
     # ---- the attention call ----
+    def _row_methods(self, layer: int, methods: list[Method]):
+        """(key editors acting here, observers, reweighters) among a layer's methods."""
+        editors = tuple(m for m in methods if m.acts_in(layer) and m.edits_keys)
+        observers = [m for m in methods if type(m).observe is not Method.observe]
+        reweighters = [m for m in methods if type(m).reweight is not Method.reweight]
+        return editors, observers, reweighters
+
+    def _edits(self, editors: tuple, keys: int):
+        """(boost, scale) of these key editors for this step, built once and shared by their layers."""
+        cached = self._step_cache.get(editors)
+        if cached is not None and cached[0] == keys:
+            return cached[1]
+        boosts = [b for b in (m.key_boost(self.batch, keys) for m in editors) if b is not None]
+        scales = [s for s in (m.key_scale(self.batch, keys) for m in editors) if s is not None]
+        edits = (_combine(boosts, torch.add), _combine(scales, torch.mul))
+        self._step_cache[editors] = (keys, edits)
+        return edits
+
+    def _bias(self, attention_mask, keys: int, kv_heads: int, dtype):
+        key = ("bias", id(attention_mask), keys, kv_heads, dtype)
+        if key not in self._step_cache:
+            self._step_cache[key] = attention.key_bias(attention_mask, keys, kv_heads, dtype)
+        return self._step_cache[key]
+
+    def _row(self, query, key, value, attention_mask, scaling, layer, rows):
+        editors, observers, reweighters = rows[layer]
+        bias = self._bias(attention_mask, key.shape[2], key.shape[1], query.dtype)
+        return attention.attention_row(query, key, value, bias, scaling, self._edits(editors, key.shape[2]), layer,
+                                       observers, reweighters, self.batch)
+
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
         layer = module.layer_idx
         batch = self.batch
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         if query.shape[2] == 1 and batch is not None and batch.step > 0:
-            methods = self.decode_layers[layer]
-            if methods:
-                return attention.attention_row(query, key, value, attention_mask, scaling, layer, methods, batch), None
+            if self.decode_layers[layer]:
+                return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                         **kwargs)
         if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
             keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys
-            row = attention.attention_row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask,
-                                          scaling, layer, self.prefill_layers[layer], batch)
+            row = self._row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask, scaling, layer,
+                            self.prefill_rows)
             out = torch.cat([out[:, :-1], row], dim=1)  # not in place: SGRS backpropagates through SDPA's output
         return out, None
+
+
+def _combine(tensors: list, op):
+    if not tensors:
+        return None
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = op(out, t)
+    return out

@@ -121,13 +121,25 @@ class Method:
     def begin_step(self, batch: Batch) -> None:
         """A decode step begins, before its first layer."""
 
-    def edit_scores(self, layer: int, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return scores
+    # A method that edits attention per key says so with `edits_keys`; in the layers it `acts_in`, the newest
+    # query's logits z become z + boost * |z| (before the softmax) and its weights are multiplied by scale (after
+    # it, no renormalisation). Each is a (B or 1, keys) tensor for this step, or None.
+    edits_keys: ClassVar[bool] = False
+
+    def acts_in(self, layer: int) -> bool:
+        return False
+
+    def key_boost(self, batch: Batch, keys: int) -> torch.Tensor | None:
+        return None
+
+    def key_scale(self, batch: Batch, keys: int) -> torch.Tensor | None:
+        return None
 
     def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
-        pass
+        """See the newest query's softmax (B, KVH, G, T), float32, before any reweighting."""
 
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Replace the weights after every key edit (for what a key scale cannot say, such as SGRS's gradients)."""
         return weights
 
     def logits_processors(self) -> list:
@@ -179,6 +191,6 @@ def end_param(source: str) -> Param:
                  type=int, minimum=0, optional=True)
 
 
-def per_key(multiplier: torch.Tensor, keys: int, fill: float = 1.0) -> torch.Tensor:
-    """A (B, P) per-prompt-key tensor extended with `fill` to `keys` keys, shaped to broadcast over (B, KVH, G, T)."""
-    return torch.nn.functional.pad(multiplier, (0, keys - multiplier.shape[-1]), value=fill)[:, None, None, :]
+def per_key(values: torch.Tensor, keys: int, fill: float = 1.0) -> torch.Tensor:
+    """A (B, P) per-prompt-key tensor extended with `fill` to (B, keys)."""
+    return torch.nn.functional.pad(values, (0, keys - values.shape[-1]), value=fill)

@@ -27,15 +27,12 @@ class LocoRE(LayerRangeMethod):
     )
 
     capturable = True
+    edits_keys = True
 
-    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.acts_in(layer):
-            return weights
-        keys = weights.shape[-1]
-        if getattr(self, "_gain_for", None) != (batch, batch.step, keys):  # one gain per step, shared by every layer
-            index = torch.arange(keys, device=weights.device)
-            query = batch.query_index  # on the device, so that a replayed step moves the window
-            recent = (index >= batch.prompt_len) & (index >= query - self.window) & (index < query)
-            self._gain = torch.where(recent, 1.0 + self.beta, 1.0).to(weights.dtype)
-            self._gain_for = (batch, batch.step, keys)
-        return weights * self._gain
+    def key_scale(self, batch: Batch, keys: int) -> torch.Tensor:
+        """1 + beta on the `window` generated keys before the newest; the window moves with the device-side
+        query index, so a replayed step moves it too."""
+        index = torch.arange(keys, device=batch.query_index.device)
+        query = batch.query_index
+        recent = (index >= batch.prompt_len) & (index >= query - self.window) & (index < query)
+        return torch.where(recent, 1.0 + self.beta, 1.0)[None, :]

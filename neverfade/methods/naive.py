@@ -22,11 +22,10 @@ class Naive(LayerRangeMethod):
     )
 
     capturable = True
+    edits_keys = True
 
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
 
-    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.acts_in(layer):
-            return weights
-        return weights * per_key(batch.state(self).scale, weights.shape[-1])
+    def key_scale(self, batch: Batch, keys: int) -> torch.Tensor:
+        return per_key(batch.state(self).scale, keys)

@@ -37,6 +37,8 @@ class PAI(LayerRangeMethod):
               "paper: PAI's default", minimum=0.0, maximum=1.0),
     )
 
+    edits_keys = True
+
     def bind(self, info):
         super().bind(info)
         self.image_token_id = info.image_token_id
@@ -46,11 +48,8 @@ class PAI(LayerRangeMethod):
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).boost = batch.image_mask.float() * self.alpha
 
-    def edit_scores(self, layer: int, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.acts_in(layer):
-            return scores
-        boost = per_key(batch.state(self).boost, scores.shape[-1], fill=0.0)
-        return scores + boost.to(scores.dtype) * scores.abs()
+    def key_boost(self, batch: Batch, keys: int) -> torch.Tensor:
+        return per_key(batch.state(self).boost, keys, fill=0.0)
 
     # ---- cfg: the image-free branch, run by the contrast loop ----
     def contrast_inputs(self, model, input_ids, model_kwargs, raw_inputs):

@@ -34,6 +34,8 @@ class SPARC(Method):
     )
     keep_selections = False  # set True to record each step's selection (analysis; the decode step is not captured)
 
+    edits_keys = True
+
     @property
     def capturable(self) -> bool:
         return not self.keep_selections
@@ -81,7 +83,8 @@ class SPARC(Method):
         """With `keep_selections`: per decode step, the (B, P) bool mask of prompt positions selected at that step."""
         return getattr(batch.state(self), "selections", [])
 
-    def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not self.start <= layer <= self.end:
-            return weights
-        return weights * per_key(batch.state(self).weight, weights.shape[-1])
+    def acts_in(self, layer: int) -> bool:
+        return self.start <= layer <= self.end
+
+    def key_scale(self, batch: Batch, keys: int) -> torch.Tensor:
+        return per_key(batch.state(self).weight, keys)
