@@ -4,6 +4,7 @@ Used by `neverfade caption` and `neverfade eval scenes`."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import sys
@@ -41,54 +42,120 @@ def prepare_runs(captioner, settings: list[tuple[list[str], dict | None]], promp
 
 def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str, generate: dict, batch_size: int,
                   results=None, on_batch: Callable[[list[Item], dict[str, list[dict]]], None] | None = None,
-                  seed: int = 0) -> set[str]:
+                  seed: int = 0, shard: tuple[int, int] = (0, 1)) -> set[str]:
     """Describe every item with every run, skipping what `results` (a ResultsFile) already holds and appending to it
-    batch by batch. `on_batch(items, {item id: [record per run]})` sees each batch. Returns the ids that failed."""
+    batch by batch. `on_batch(items, {item id: [record per run]})` sees each batch. Returns the ids that failed.
+
+    The items are cut into batches of `batch_size` in input order; the batches with something left to do are dealt
+    to the ranks in turn, `shard = (rank, world_size)`, so each batch is the one a single process would form. Each
+    (batch, run) draws its random numbers from its own seed, so sampling gives the same records whatever the number
+    of ranks and however often the run was resumed. A batch that runs out of memory is split in halves and tried
+    again; an item that runs out of memory alone is recorded with the error."""
     import torch
     from tqdm import tqdm
 
+    rank, world_size = shard
     done = results.done if results is not None else set()
-    todo = sum((item.id, run.id) not in done for item in items for run in runs)
-    if len(items) * len(runs) > todo and results is not None:
-        print(f"resuming: {len(items) * len(runs) - todo} records already in {results.path}", file=sys.stderr)
-    torch.manual_seed(seed)
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    left = [(k, b) for k, b in enumerate(batches) if any((it.id, run.id) not in done for it in b for run in runs)]
+    mine = left[rank::world_size]
+    todo = sum((item.id, run.id) not in done for _, batch in mine for item in batch for run in runs)
+    already = sum((item.id, run.id) in done for item in items for run in runs)
+    if already and rank == 0:
+        print(f"resuming: {already} records already done", file=sys.stderr)
     failed: set[str] = set()
-    bar = tqdm(total=todo, unit="caption", desc="captioning", disable=None)
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+    bar = tqdm(total=todo, unit="caption", desc="captioning" + (f" (rank {rank})" if world_size > 1 else ""),
+               position=rank, disable=None)
+    for k, batch in mine:
         images: dict[str, Any] = {}
         seen: dict[str, list[dict]] = {}
-        for run in runs:
+        for run_index, run in enumerate(runs):
             pending = [it for it in batch if (it.id, run.id) not in done]
             if not pending:
                 continue
             records = {}
             for item in pending:
                 if item.id not in images:
-                    try:
-                        images[item.id] = load_image(item.image)
-                    except ImageError as err:
-                        images[item.id] = err
+                    images[item.id] = usable_image(captioner, item.image)
                 if isinstance(images[item.id], ImageError):
                     records[item.id] = record(item, captioner.name, run, error=str(images[item.id]))
             ok = [it for it in pending if it.id not in records]
             if captioner.methods != run.methods:
                 captioner.use(run.methods)
-            captions = captioner.caption([images[it.id] for it in ok], [it.prompt or prompt for it in ok],
-                                         **generate) if ok else []
+            torch.manual_seed(batch_seed(seed, k, run_index))
+            captions = caption_fitting(captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok],
+                                       generate)
             for item, caption in zip(ok, captions):
-                records[item.id] = record(item, captioner.name, run, caption=caption)
+                records[item.id] = (record(item, captioner.name, run, error=caption) if isinstance(caption, str)
+                                    else record(item, captioner.name, run, caption=caption))
             ordered = [records[it.id] for it in pending]
-            failed.update(r["id"] for r in ordered if r["error"] is not None)
+            failed.update(rec["id"] for rec in ordered if rec["error"] is not None)
             if results is not None:
                 results.append(ordered)
-            for r in ordered:
-                seen.setdefault(r["id"], []).append(r)
+            for rec in ordered:
+                seen.setdefault(rec["id"], []).append(rec)
             bar.update(len(ordered))
         if on_batch is not None and seen:
             on_batch([it for it in batch if it.id in seen], seen)
     bar.close()
     return failed
+
+
+def usable_image(captioner, path: str):
+    """The image as RGB, or ImageError when it cannot be read or the model's image processor refuses it (e.g.
+    Qwen-VL and an aspect ratio beyond 200), so that one such image is recorded instead of failing its batch."""
+    try:
+        image = load_image(path)
+    except ImageError as err:
+        return err
+    processor = getattr(getattr(captioner, "processor", None), "image_processor", None)
+    if processor is not None:
+        try:
+            processor(images=[image], return_tensors="pt")
+        except Exception as err:  # noqa: BLE001 - whatever the processor raises, this image is the cause
+            return ImageError(f"the model's image processor refuses {path}: {err}")
+    return image
+
+
+def caption_fitting(captioner, images: list, prompts: list[str], generate: dict) -> list:
+    """Each image's Caption, or an error text for one that runs out of memory even alone: a batch that runs out of
+    memory is split in halves, and each half is tried again."""
+    import torch
+    from tqdm import tqdm
+
+    if not images:
+        return []
+    try:
+        return captioner.caption(images, prompts, **generate)
+    except torch.OutOfMemoryError as err:
+        message = (str(err).strip().splitlines() or ["out of memory"])[0]
+    # out of the handler, so the failed batch's tensors are free to go
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(images) == 1:
+        return [f"out of memory even as a batch of one: {message}"]
+    half = (len(images) + 1) // 2
+    tqdm.write(f"out of memory on a batch of {len(images)}; trying {half} and {len(images) - half}", file=sys.stderr)
+    return (caption_fitting(captioner, images[:half], prompts[:half], generate)
+            + caption_fitting(captioner, images[half:], prompts[half:], generate))
+
+
+def batch_seed(seed: int, batch: int, run: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{batch}/{run}".encode()).digest()[:8], "little") >> 1
+
+
+def input_order(items: list[Item], runs: list[Run], batch_size: int) -> Callable[[dict[str, Any]], tuple]:
+    """Sort key that puts records in the order one process writes them: by batch, then run, then item; records of
+    other items or runs first, in the order they came."""
+    index = {item.id: i for i, item in enumerate(items)}
+    run_index = {run.id: r for r, run in enumerate(runs)}
+
+    def key(rec: dict[str, Any]) -> tuple:
+        i, r = index.get(rec.get("id")), run_index.get(rec.get("run"))
+        return (0,) if i is None or r is None else (1, i // batch_size, r, i)
+
+    return key
 
 
 def record(item: Item, model: str, run: Run, caption=None, error: str | None = None) -> dict[str, Any]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neverfade import distributed
 from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
-from neverfade.runner import caption_items, prepare_runs
+from neverfade.distributed import Ranks
+from neverfade.results import ResultsFile, merge_parts, part_files, part_path
+from neverfade.runner import caption_items, input_order, prepare_runs
 
 EXIT_SOME_FAILED = 1
 
@@ -15,14 +18,18 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "caption", help="describe images with the chosen methods",
         description="Describe images. Results go to --out as JSONL, one record per image and method setting; "
-                    "a rerun with the same --out skips what is already there. Exit status: 0 all described, "
-                    "1 some images could not be read (recorded as errors), 2 bad input.")
+                    "a rerun with the same --out skips what is already there. Under torchrun "
+                    "(torchrun --nproc-per-node N -m neverfade caption ...) each rank describes its share of the "
+                    "batches. Exit status: 0 all described, 1 some images could not be read or described "
+                    "(recorded as errors), 2 bad input.")
     p.add_argument("input", nargs="?", help="an image file, a folder of images, or a JSONL manifest "
                                             "(one {\"image\": path, \"id\"?: ..., \"prompt\"?: ...} per line)")
     p.add_argument("--samples", type=int, metavar="N",
                    help="describe N held-out synthetic scenes instead of INPUT; mentioned objects are marked "
                         "[word ✓] when the scene has them and [word ✗] when it does not")
-    p.add_argument("--out", help="results JSONL (appended to; resumable). Without it captions are only printed.")
+    p.add_argument("--out", help="results JSONL (appended to; resumable). Without it captions are only printed. "
+                                 "Under torchrun each rank appends to OUT.parts/rank-R-of-W.jsonl, and rank 0 "
+                                 "merges the parts into OUT when all are done.")
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -40,7 +47,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neverfade.api import DEFAULT_PROMPT
     from neverfade.cli import UserError
     from neverfade.data.images import ImageError, InputError, load_image, read_items
     from neverfade.data.samples import sample_scene_items
@@ -60,6 +66,22 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ImageError, ParameterError, ValueError) as err:
         raise UserError(str(err)) from None
 
+    ranks = Ranks.from_env()
+    if ranks.parallel and not args.out:
+        raise UserError("--out is needed when several processes describe the images (torchrun)")
+    args.device = ranks.device(args.device)
+    distributed.start(ranks, args.device)
+    try:
+        return _describe(args, ranks, items, names, params)
+    finally:
+        distributed.stop(ranks)
+
+
+def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params) -> int:
+    from neverfade.api import DEFAULT_PROMPT
+    from neverfade.cli import UserError
+    from neverfade.methods import ParameterError
+
     captioner = load_captioner(args, names, params)
     prompt = args.prompt or DEFAULT_PROMPT
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
@@ -71,22 +93,38 @@ def run(args: argparse.Namespace) -> int:
     except ParameterError as err:
         raise UserError(str(err)) from None
 
-    results = None
-    if args.out:
-        from neverfade.results import ResultsFile
-
-        try:
-            results = ResultsFile(args.out)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        if args.retry_errors:
-            results.done = {(r["id"], r["run"]) for r in results.records if r.get("error") is None}
+    results = _open_results(args, ranks) if args.out else None
+    distributed.barrier(ranks)  # every rank knows what is done before any rank appends
     show = _print_batch if args.show or not args.out else None
+    before = len(results.records) if results else 0
     failed = caption_items(captioner, items, runs, prompt=prompt, generate=generate, batch_size=args.batch_size,
-                           results=results, on_batch=show, seed=args.seed)
-    if failed:
-        print(f"{len(failed)} images could not be read; their records hold the error", file=sys.stderr)
-    return EXIT_SOME_FAILED if failed else 0
+                           results=results, on_batch=show, seed=args.seed, shard=(ranks.rank, ranks.world_size))
+    new = len(results.records) - before if results else 0
+    distributed.barrier(ranks)  # every part is complete
+    total = merge_parts(args.out, input_order(items, runs, args.batch_size)) if args.out and ranks.rank == 0 else 0
+    new, failed_count, total = distributed.sum_over_ranks(ranks, new, len(failed), total)
+    if ranks.rank == 0:
+        if ranks.parallel:
+            print(f"{ranks.world_size} ranks described {new} new; {total} records in {args.out}", file=sys.stderr)
+        if failed_count:
+            print(f"{failed_count} images could not be read or described; their records hold the error",
+                  file=sys.stderr)
+    return EXIT_SOME_FAILED if failed_count else 0
+
+
+def _open_results(args: argparse.Namespace, ranks: Ranks):
+    """This rank's results: appended to --out by a single process, to its part file by a rank of several; what is
+    done is read from --out and every part file present, of any earlier world size."""
+    from neverfade.cli import UserError
+
+    own = part_path(args.out, ranks.rank, ranks.world_size) if ranks.parallel else args.out
+    try:
+        results = ResultsFile(own, also=[args.out, *part_files(args.out)])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.retry_errors:
+        results.done = {(r["id"], r["run"]) for r in results.records if r.get("error") is None}
+    return results
 
 
 def _print_batch(items, records) -> None:

@@ -27,7 +27,8 @@ def read_items(source: str | Path) -> list[Item]:
     if not path.exists():
         raise InputError(f"no such file or folder: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir()  # a broken link is listed, to be recorded as an error
+                       if (p.is_file() or p.is_symlink() and not p.exists()) and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise InputError(f"no images in folder {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         return [Item(id=p.name, image=str(p)) for p in files]
@@ -40,11 +41,13 @@ def read_manifest(path: Path) -> list[Item]:
     """A JSONL manifest: one object per line with `image` (a path, relative to the manifest's folder),
     optional `id` (default: the image path) and optional `prompt`; other fields are kept in `meta`."""
     items, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{path}:{number}: not UTF-8 text") from None
         except json.JSONDecodeError as err:
             raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
@@ -62,12 +65,27 @@ def read_manifest(path: Path) -> list[Item]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The image as RGB, or ImageError saying why not."""
+    """The image as RGB, or ImageError saying why not. Images beyond PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS, twice over) are refused."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise ImageError(f"no such image: {path}") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image too large {path}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the model's processor would make it: transparency composited onto white (as transformers'
+    convert_to_rgb does), 16-bit greyscale scaled to 8 bits (PIL's convert would clip it), CMYK, palette and
+    greyscale through PIL's convert."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = image.point(lambda v: v / 257, "F").convert("L")  # 0..65535 -> 0..255
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
