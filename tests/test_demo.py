@@ -175,3 +175,22 @@ def test_bad_requests_get_a_clear_message_and_status(server):
 
 def test_serves_only_on_loopback(server):
     assert server.startswith("http://127.0.0.1:")
+
+
+def test_methods_with_their_own_decoding_loop_stream_too(server):
+    """VCD and SGRS run their own loops (generate(custom_generate=...)): their captions still arrive word by word,
+    and the words add up to the caption. OPERA, a beam search, sends its caption whole."""
+    status, body = post(f"{server}/api/caption?methods=vcd,sgrs,opera&sample=scene-00003")
+    assert status == 200
+    stream = events(body)
+    assert stream[-1] == {"event": "end"} and not [e for e in stream if e["event"] == "error"]
+    for run, label in enumerate(["vcd", "sgrs", "opera"]):
+        chunks = [e["text"] for e in stream if e["event"] == "text" and e["run"] == run]
+        [done] = [e for e in stream if e["event"] == "done" and e["run"] == run]
+        assert done["caption"]
+        if label == "opera":
+            assert chunks == []
+        else:
+            assert len(chunks) > 10 and "".join(chunks).strip() == done["caption"]
+            first_text = next(i for i, e in enumerate(stream) if e["event"] == "text" and e["run"] == run)
+            assert first_text < stream.index(done), "text streams before the caption is done"

@@ -22,9 +22,10 @@ def _by_position(series: list[np.ndarray]) -> np.ndarray:
         return np.nanmean(table, axis=0) if longest else np.array([])
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -88,13 +89,15 @@ def selection_plot(analysis, label: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def saliency_plot(analysis, label: str, path: Path, context: int = 30) -> Path:
+def saliency_plot(analysis, label: str, path: Path, context: int = 24) -> Path:
     """LVLMs-Saliency of the chosen output tokens (Fig. 1-2 of the saliency paper), one row per token: the attention
     and the saliency |A * dL/dA| (l2-normalised per layer) of the row that predicted it, per layer, over the
     `context` tokens written before it; and its saliency on the image (mean over layers)."""
     entries = analysis.saliency
-    fig, axes = plt.subplots(len(entries), 3, figsize=(13, 2.3 * len(entries) + 0.6), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 3, 1.1]})
+    height = 2.3 * len(entries) + 0.8
+    fig, axes = plt.subplots(len(entries), 3, figsize=(13, height), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 3, 1.1], "hspace": 0.95, "wspace": 0.15})
+    fig.subplots_adjust(left=0.04, right=0.99, top=1 - 0.75 / height, bottom=0.6 / height)
     for row, entry in zip(axes, entries):
         p = entry["position"]
         words = [t.replace("\n", " ") for t in analysis.tokens[max(0, p - 1 - context): p - 1]]
@@ -114,4 +117,4 @@ def saliency_plot(analysis, label: str, path: Path, context: int = 30) -> Path:
         row[2].set_title("saliency on the image", fontsize=8)
         row[2].set(xticks=[], yticks=[])
     fig.suptitle(f"{label}, {analysis.id}: LVLMs-Saliency of {len(entries)} output tokens", fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, tight=False)

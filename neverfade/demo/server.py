@@ -62,13 +62,13 @@ class DemoApp:
 
         settings = []
         for label in [s.strip() for s in spec.split(",") if s.strip()]:
-            names = [n.strip() for n in label.split("+") if n.strip()]
+            names = label.replace("+", " ").split()  # "+" arrives as a space when the query is not encoded
             params = {n: dict(self.method_params[n]) for n in names if n in self.method_params}
             try:
                 build_methods(names, params)
             except ParameterError as err:
                 raise RequestError(400, str(err)) from None
-            settings.append((label, names, params))
+            settings.append(("+".join(names), names, params))
         if not settings:
             raise RequestError(400, "choose at least one method")
         return settings

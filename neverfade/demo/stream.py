@@ -1,9 +1,11 @@
 """The events of one demo request: each setting's caption as it streams, then its object marks and SPARC's
 selections per word.
 
-Streaming: generate's own loop, the captured loop and the loops of VCD, PAI's guidance and SGRS (neverfade's
-DecodingLoop) all honour `generate(streamer=...)`, so their text arrives token by token (transformers'
-TextIteratorStreamer, which sends whole words). OPERA is a beam search: its caption arrives whole when it is done.
+Streaming: transformers' TextIteratorStreamer (it sends whole words), fed by a logits processor rather than by
+`generate(streamer=...)`: transformers 5.23 does not hand `streamer` to a callable `custom_generate`, so neverfade's
+own loops (VCD, PAI's guidance, SGRS, the captured decode path) would never see it. Every loop applies the logits
+processors once per step, so the processor sees each chosen token one step later; the last token is sent when
+generate returns. OPERA is a beam search: its caption arrives whole when it is done.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ def png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class StreamTokens:
+    """A logits processor that passes the tokens chosen since its last call (sequence 0) to a streamer."""
+
+    def __init__(self, streamer, prompt_len: int):
+        self.streamer, self.sent = streamer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.flush(input_ids[0])
+        return scores
+
+    def flush(self, ids: torch.Tensor) -> None:
+        if ids.shape[0] > self.sent:
+            self.streamer.put(ids[self.sent:].cpu())
+            self.sent = ids.shape[0]
 
 
 def caption_events(captioner, image: Image.Image, objects: list[str] | None, settings, prompt: str,
@@ -60,15 +78,19 @@ def _one_run(captioner, run, image, objects, names, params, prompt, max_new_toke
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(captioner.model.dtype)
     tokenizer = captioner.processor.tokenizer
-    streamer = None if beams else TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                                       timeout=900)
+    streamer = None if beams else TextIteratorStreamer(tokenizer, skip_special_tokens=True, timeout=900)
+    feed = StreamTokens(streamer, inputs["input_ids"].shape[1]) if streamer else None
     done: dict[str, Any] = {}
 
     def generate():
+        from transformers import LogitsProcessorList
+
         try:
             with torch.no_grad():
                 done["out"] = captioner.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                                 **({"streamer": streamer} if streamer else {}))
+                                                 logits_processor=LogitsProcessorList([feed] if feed else []))
+            if feed is not None:
+                feed.flush(done["out"][0])
         except Exception as err:
             done["error"] = err
         finally:
