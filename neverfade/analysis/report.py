@@ -23,7 +23,8 @@ def _slug(text: str) -> str:
 
 
 def write_report(out: Path, settings: dict, meta: dict) -> dict:
-    """`settings`: label -> list of run.ImageAnalysis. Writes analysis.json and the PNGs into `out`; returns the JSON."""
+    """`settings`: label -> list of run.ImageAnalysis. Writes analysis.json and the PNGs into `out`; returns the
+    JSON."""
     out.mkdir(parents=True, exist_ok=True)
     files = [plots.share_plot(settings, meta["layer"], out / "attention_share.png"),
              plots.diversity_plot(settings, out / "diversity.png")]

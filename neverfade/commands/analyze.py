@@ -27,8 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layer", type=int, default=None,
                    help="layer whose attention is read, 0-indexed (default: SPARC's selection layer for the family)")
     p.add_argument("--saliency-tokens", default="objects",
-                   help='output tokens that get saliency maps: "objects" (the first token of each object named, at its first mention; the '
-                        'default), "none", or a comma list of 1-based output positions and words, e.g. "5,12,house"')
+                   help='output tokens that get saliency maps: "objects" (the default: the first token of each object '
+                        'named, at its first mention), "none", or a comma list of 1-based output positions and words, '
+                        'e.g. "5,12,house"')
     p.add_argument("--saliency-max", type=int, default=8, help="at most this many saliency maps per caption")
     p.add_argument("--diversity-tokens", type=int, default=100,
                    help="first output tokens whose consecutive maps are compared (default 100, as the paper)")
