@@ -186,12 +186,15 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
     device = captioner.model.device
     loop = getattr(captioner.model, "_neverfade_last_loop", None)
     path = captioner.decode_path()
+    capture_error = None
     if path == "captured" and loop is not None and not loop.captured:
-        path = "static (capture failed)"
+        path, capture_error = "static (capture failed)", loop.capture_error
     captioner.model._neverfade_last_loop = None
     ms = (total - prefill) / (new_tokens - 1) * 1000
     row = {"path": path, "ms_per_token": round(ms, 3), "tokens_per_s": round(batch_size * 1000 / ms, 1),
            "prefill_s": round(prefill, 4)}
+    if capture_error:
+        row["capture_error"] = capture_error
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     state = state_floats_per_image_token(captioner)
@@ -231,6 +234,9 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
             continue
         with _reproducible_attention(captioner.model.device):
             _, fast = _timed(captioner, inputs, args.check_tokens)
+            loop = getattr(captioner.model, "_neverfade_last_loop", None)
+            if loop is not None and not loop.captured:
+                path = "static (capture failed)"
             captioner.decode = "static"
             _, reference = _timed(captioner, inputs, args.check_tokens)
         prompt = inputs["input_ids"].shape[1]

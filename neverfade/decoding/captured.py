@@ -14,6 +14,7 @@ replay is checked against.
 from __future__ import annotations
 
 import logging
+import traceback
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -36,6 +37,7 @@ class StaticLoop(DecodingLoop):
         self.capture = capture
         self.check_every = check_every
         self.graph = self.static = None
+        self.capture_error: str | None = None
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
 
     # ---- the step's fixed buffers ----
@@ -97,7 +99,7 @@ class StaticLoop(DecodingLoop):
                 self.graph, self.captured = graph, True
                 graph.replay()
             except Exception as err:  # capture is an optimisation: say why, once, and go on eagerly
-                self.capture = False
+                self.capture, self.capture_error = False, traceback.format_exc()
                 log.warning("neverfade: the decode step could not be captured in a CUDA graph (%s); decoding "
                             "eagerly", (str(err).splitlines() or [type(err).__name__])[0])
                 self._step()  # a failed capture ran nothing
