@@ -56,12 +56,13 @@ def analyze_setting(captioner, items, prompt: str, max_new_tokens: int, layer: i
     sparc = next((m for m in captioner.methods if m.name == "sparc"), None)
     if sparc is not None:
         sparc.keep_selections = True
-    captioner.watch(probe)
+    watched = captioner.probes
+    captioner.watch(*watched, probe)
     try:
         return [_analyze_one(captioner, probe, sparc, item, prompt, max_new_tokens, saliency_tokens,
                              diversity_tokens, most_saliency) for item in items]
     finally:
-        captioner.watch()
+        captioner.watch(*watched)
 
 
 def _analyze_one(captioner, probe, sparc, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens,
