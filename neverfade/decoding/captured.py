@@ -24,7 +24,9 @@ from neverfade.decoding.loop import DecodingLoop
 log = logging.getLogger("neverfade")
 
 ADVANCING = ("position_ids", "cache_position")  # +1 per step
-CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict")
+# the same at every step; image metadata some transformers versions keep passing after the prefill, unused there
+CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict", "image_grid_thw",
+            "video_grid_thw", "image_sizes", "second_per_grid_ts")
 
 
 class CaptureUnsupported(RuntimeError):
