@@ -154,6 +154,8 @@ class Captioner:
             names = [m.name for m in self.engine.hooks if path == "eager" and not m.capturable or
                      path == "strategy" and m.strategy]
             _log_once(f"neverfade: {'+'.join(names)} {reason}; decode steps run eagerly (not captured)")
+        if path in ("strategy", "captured", "static") and inputs_and_kwargs.get("streamer") is not None:
+            inputs_and_kwargs["neverfade_streamer"] = inputs_and_kwargs.pop("streamer")
         if path == "strategy":
             inputs_and_kwargs.setdefault("custom_generate", self.engine.custom_generate())
             inputs_and_kwargs.setdefault("neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items()

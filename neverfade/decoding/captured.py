@@ -119,9 +119,13 @@ class StaticLoop(DecodingLoop):
         out, self.kwargs = self.forward(input_ids, model_kwargs, first=True)
         logits = out.logits[:, -1].float()
         self.logits = torch.empty_like(logits)
+        keep_scores = self.config.return_dict_in_generate and self.config.output_scores
+        kept = []
         step = 0
         while True:
             scores = self.logits_processor(input_ids, logits)
+            if keep_scores:
+                kept.append(scores.clone())  # the logits buffer is rewritten by the next step
             tokens = self.choose(input_ids, logits, scores)
             if has_eos and pad is not None:
                 tokens = tokens * unfinished + pad * (1 - unfinished)
@@ -145,15 +149,17 @@ class StaticLoop(DecodingLoop):
         self.graph = None  # frees the graph's memory pool
         stop = int(done_at)
         if stop:
-            input_ids = input_ids[:, : prompt_len + stop]
+            input_ids, kept = input_ids[:, : prompt_len + stop], kept[:stop]
         if self.config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=input_ids, past_key_values=model_kwargs.get("past_key_values"))
+            return GenerateDecoderOnlyOutput(sequences=input_ids, scores=tuple(kept) or None,
+                                             past_key_values=model_kwargs.get("past_key_values"))
         return input_ids
 
 
 def static_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                  streamer=None, *, capture=None, neverfade_inputs=None, **model_kwargs):
+                  streamer=None, *, capture=None, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
     """Decode with the static cache generate made; `capture`: replay steps from a CUDA graph (default: on CUDA)."""
+    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
     if synced_gpus:
         raise ValueError("the captured decode path does not support synced_gpus")
     if capture is None:

@@ -26,9 +26,10 @@ class ContrastLoop(DecodingLoop):
 
 
 def contrast_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                    streamer=None, *, method, neverfade_inputs=None, **model_kwargs):
+                    streamer=None, *, method, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
     """`neverfade_inputs`: the processor's outputs as given to generate (which may have encoded the images already
     and dropped the pixels; the contrast branch needs them)."""
+    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
     if synced_gpus:
         raise ValueError(f"{method.name} does not support synced_gpus")
     other_ids, other_kwargs = method.contrast_inputs(model, input_ids, model_kwargs, neverfade_inputs or {})

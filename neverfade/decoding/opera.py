@@ -27,7 +27,8 @@ SEQUENCE_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_t
 
 
 def beam_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                streamer=None, *, method, neverfade_inputs=None, **model_kwargs):
+                streamer=None, *, method, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
+    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
     if synced_gpus:
         raise ValueError("opera does not support synced_gpus")
     if streamer is not None:

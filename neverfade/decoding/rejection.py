@@ -102,7 +102,8 @@ def _detach_cache(cache) -> None:
 
 
 def rejection_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                     streamer=None, *, method, neverfade_inputs=None, **model_kwargs):
+                     streamer=None, *, method, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
+    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
     if synced_gpus:
         raise ValueError("sgrs does not support synced_gpus")
     engine = model._neverfade_engine

@@ -1,0 +1,106 @@
+"""The static-cache decode loop (the path whose steps a GPU replays from a CUDA graph) against generate's own loop.
+
+On a CPU the loop runs its steps eagerly with exactly the buffers and update rules a captured replay uses (positions
+advanced in place, the new key unmasked, the window of LocoRE following the device-side query index), so these
+tests check those rules; `neverfade bench --check` checks the replay itself on a GPU."""
+
+import json
+
+import pytest
+import torch
+
+import neverfade
+from neverfade.cli import main
+from tests.conftest import make_images
+
+STEPS = 20
+SETTINGS = [
+    ([], None),
+    (["sparc"], {"sparc": {"tau": 0.05, "alpha": 1.5}}),
+    (["sparc", "locore"], {"sparc": {"tau": 0.05, "alpha": 1.5}, "locore": {"beta": 2.0, "window": 3}}),
+    (["naive", "pai"], {"naive": {"alpha": 2.0}, "pai": {"alpha": 0.5}}),
+]
+
+
+def _generate(c, decode, inputs, **kwargs):
+    c.decode = decode
+    with torch.no_grad():
+        return c.generate(**inputs, return_dict_in_generate=True, output_scores=True, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("methods,params", SETTINGS, ids=["baseline", "sparc", "sparc+locore", "naive+pai"])
+def test_static_loop_equals_generate(tiny_models, family, methods, params):
+    c = neverfade.load(tiny_models[family], device="cpu", methods=methods, method_params=params)
+    inputs = c.inputs(make_images(), ["Describe it.", neverfade.DEFAULT_PROMPT, "What is in this picture?"])
+    forced = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    eager = _generate(c, "eager", inputs, **forced)
+    static = _generate(c, "static", inputs, **forced)
+    assert c.decode_path() == "static" and c.model._neverfade_last_loop.static is not None
+    assert len(set(map(tuple, eager.sequences[:, -STEPS:].tolist()))) > 1, "the images must give different outputs"
+    assert torch.equal(eager.sequences, static.sequences)
+    assert len(eager.scores) == len(static.scores) == STEPS
+    for e, s in zip(eager.scores, static.scores):
+        torch.testing.assert_close(e, s, atol=1e-4, rtol=1e-4)
+
+
+def test_static_loop_stops_and_pads_where_generate_does(tiny_models):
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"], method_params={"sparc": {"tau": 0.05}})
+    inputs = c.inputs(make_images())
+    free = _generate(c, "eager", inputs, max_new_tokens=STEPS, do_sample=False).sequences[:, -STEPS:]
+    eos = [int(free[0, 9]), int(free[1, 3]), int(free[2, 6])]  # each sequence ends by its step 10, at its own step
+    runs = [_generate(c, mode, inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos).sequences
+            for mode in ("eager", "static")]
+    assert runs[0].shape[1] <= inputs["input_ids"].shape[1] + 10, "generation must stop early here"
+    assert (runs[0][:, -1] == c.model.generation_config.pad_token_id).any(), "a sequence that ended first is padded"
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_seeded_sampling_is_the_same_on_both_loops(tiny_models):
+    c = neverfade.load(tiny_models["qwen2_vl"], device="cpu", methods=["locore"])
+    inputs = c.inputs(make_images())
+    runs = []
+    for mode in ("eager", "static"):
+        torch.manual_seed(3)
+        runs.append(_generate(c, mode, inputs, max_new_tokens=STEPS, do_sample=True, temperature=1.5).sequences)
+    greedy = _generate(c, "eager", inputs, max_new_tokens=STEPS, do_sample=False).sequences
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], greedy)
+
+
+def test_decode_path_follows_methods_and_device(tiny_models):
+    c = neverfade.load(tiny_models["llava"], device="cpu")
+    assert c.decode_path() == "eager"  # auto on a CPU
+    c.decode = "captured"
+    assert c.decode_path() == "static"  # no CUDA graph without CUDA: the same loop, eagerly
+    c.use(["sgrs"])
+    assert c.decode_path() == "strategy"
+    c.use(["sparc"]).record_attention()
+    assert c.decode_path() == "eager"  # a probe keeps per-step lists on the host
+    with pytest.raises(ValueError, match="decode must be"):
+        c.decode = "fast"
+
+
+def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", tiny_models["llava"], "--device", "cpu", "--batch-sizes", "2",
+                 "--new-tokens", "6", "--repeats", "1", "--decode", "captured", "--method", "sparc", "--method",
+                 "naive+locore", "--check", "--check-tokens", "10", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {r["setting"]: r for r in report["rows"]}
+    assert set(rows) == {"baseline", "sparc", "naive+locore", "stock generate"}
+    base = rows["baseline"]["ms_per_token"]
+    for r in rows.values():
+        assert r["overhead"] == pytest.approx(r["ms_per_token"] / base, abs=1e-3)
+        assert r["tokens_per_s"] == pytest.approx(2 * 1000 / r["ms_per_token"], rel=1e-2)
+    assert rows["sparc"]["path"] == "static" and rows["stock generate"]["path"] == "eager"
+    c = neverfade.load(tiny_models["llava"], device="cpu")
+    ids = c.inputs(make_images()[:1] * 2)["input_ids"]  # the bench's images share one size
+    image_tokens = int((ids == c.model.config.image_token_id).sum())
+    # SPARC keeps an EMA (float32), a weight (float32) and a pending selection (bool) per prompt position
+    assert rows["sparc"]["state_floats_per_image_token"]["sparc"] == pytest.approx(
+        9 / 4 * ids.numel() / image_tokens, abs=1e-3)
+    assert [(k["setting"], k["reference"], k["same"]) for k in report["checks"]] == [
+        ("baseline", "eager", True), ("sparc", "eager", True), ("naive+locore", "eager", True)]
+    assert "x baseline" in capsys.readouterr().out
