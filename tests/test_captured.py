@@ -4,13 +4,16 @@ On a CPU the loop runs its steps eagerly with exactly the buffers and update rul
 advanced in place, the new key unmasked, the window of LocoRE following the device-side query index), so these
 tests check those rules; `neverfade bench --check` checks the replay itself on a GPU."""
 
+import functools
 import json
+import logging
 
 import pytest
 import torch
 
 import neverfade
 from neverfade.cli import main
+from neverfade.decoding.captured import static_decode
 from tests.conftest import make_images
 
 STEPS = 20
@@ -104,3 +107,18 @@ def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
     assert [(k["setting"], k["reference"], k["same"]) for k in report["checks"]] == [
         ("baseline", "eager", True), ("sparc", "eager", True), ("naive+locore", "eager", True)]
     assert "x baseline" in capsys.readouterr().out
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly_and_says_so(tiny_models, caplog):
+    """Asking for capture where there is no CUDA fails at the capture; the loop logs one line and goes on."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"], method_params={"sparc": {"tau": 0.05}})
+    inputs = c.inputs(make_images())
+    forced = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    with caplog.at_level(logging.WARNING, logger="neverfade"), torch.no_grad():
+        tried = c.model.generate(**inputs, cache_implementation="static", **forced,
+                                 custom_generate=functools.partial(static_decode, capture=True))
+    eager = _generate(c, "eager", inputs, **forced).sequences
+    lines = [r.getMessage() for r in caplog.records if "could not be captured" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("decoding eagerly")
+    assert not c.model._neverfade_last_loop.captured
+    assert torch.equal(tried, eager)

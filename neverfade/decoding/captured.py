@@ -88,7 +88,12 @@ class StaticLoop(DecodingLoop):
         if self.graph is not None:
             self.graph.replay()
         elif self.capture and step == 1:  # the warm-up capture needs, on a side stream
-            side = torch.cuda.Stream()
+            try:
+                side = torch.cuda.Stream()
+            except Exception as err:
+                self._give_up(err)
+                self._step()
+                return self.logits
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._step()
@@ -100,14 +105,18 @@ class StaticLoop(DecodingLoop):
                     self._step()
                 self.graph, self.captured = graph, True
                 graph.replay()
-            except Exception as err:  # capture is an optimisation: say why, once, and go on eagerly
-                self.capture, self.capture_error = False, traceback.format_exc()
-                log.warning("neverfade: the decode step could not be captured in a CUDA graph (%s); decoding "
-                            "eagerly", (str(err).splitlines() or [type(err).__name__])[0])
+            except Exception as err:
+                self._give_up(err)
                 self._step()  # a failed capture ran nothing
         else:
             self._step()
         return self.logits
+
+    def _give_up(self, err: Exception) -> None:
+        """Capture is an optimisation: say why, once, and go on eagerly."""
+        self.capture, self.capture_error = False, traceback.format_exc()
+        log.warning("neverfade: the decode step could not be captured in a CUDA graph (%s); decoding eagerly",
+                    (str(err).splitlines() or [type(err).__name__])[0])
 
     def run(self, input_ids, model_kwargs):
         pad = self.config._pad_token_tensor
