@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import sys
@@ -20,29 +19,30 @@ def add_parser(sub) -> None:
                     "method, at each batch size, with one image per prompt and a forced caption length. A method's "
                     "overhead is its ratio to the baseline timed in the same run (settings interleaved, best of "
                     "--repeats). Stock transformers generate (dynamic cache, no neverfade) is timed alongside; it and "
-                    "methods with their own decoding loop (sgrs, vcd, opera, pai with cfg) are timed in one round.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "methods with their own decoding loop (sgrs, vcd, opera, pai with cfg) are timed in one round.")
     p.add_argument("--model", action="append", default=None,
                    help="model to time (repeatable): random:<family>:7b for random weights at the real size, a "
                         "local folder or a hub id. Default: random:llava:7b and random:qwen2_vl:7b on CUDA, "
                         "random:llava (tiny) on a CPU")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--method", action="append", default=None, metavar="SPEC",
                    help="a method setting to time against the baseline, e.g. sparc, sparc:tau=2+locore "
                         "(repeatable; default: " + ", ".join(DEFAULT_METHODS) + ")")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B")
-    p.add_argument("--new-tokens", type=int, default=512, help="forced caption length")
-    p.add_argument("--image-size", type=int, default=336, help="side of the square synthetic image, in pixels")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the best counts")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B", help="default: 1 8 32")
+    p.add_argument("--new-tokens", type=int, default=512, help="forced caption length (default: 512)")
+    p.add_argument("--image-size", type=int, default=336, help="side of the square image, in pixels (default: 336)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the best counts (default: 2)")
     p.add_argument("--no-stock", action="store_true", help="skip timing stock generate")
     p.add_argument("--decode", default="auto", choices=["auto", "captured", "static", "eager"],
-                   help="neverfade's decode path (auto: captured on CUDA)")
+                   help="neverfade's decode path (default auto: captured on CUDA, eager on a CPU)")
     p.add_argument("--check", action="store_true",
                    help="also check, per setting, that the decode path gives the same tokens as the same loop run "
-                        "eagerly, over --check-tokens tokens")
-    p.add_argument("--check-tokens", type=int, default=128)
-    p.add_argument("--out", default="bench.json", help="JSON results")
+                        "eagerly (on a CPU: the static loop against generate's own), over --check-tokens tokens; exit "
+                        "status 1 if any differs")
+    p.add_argument("--check-tokens", type=int, default=128, help="default: 128")
+    p.add_argument("--out", default="bench.json", help="JSON results (default: bench.json)")
     p.set_defaults(func=run)
 
 
@@ -245,7 +245,8 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
         fast, reference = fast[:, prompt:], reference[:, prompt:]
         differs = (fast != reference).any(0).nonzero()
         results.append({"model": model_name, "batch_size": batch_size, "setting": setting[0], "path": path,
-                        "reference": reference_path, "tokens": int(fast.numel()), "same": bool(torch.equal(fast, reference)),
+                        "reference": reference_path, "tokens": int(fast.numel()),
+                        "same": bool(torch.equal(fast, reference)),
                         "first_difference": int(differs[0]) if len(differs) else None})
     return results
 
