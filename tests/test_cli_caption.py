@@ -113,7 +113,21 @@ BAD_INPUT = {
     "unsupported model": (["GOOD", "--model", "UNSUPPORTED"], "is not supported; supported architectures"),
     "missing model folder": (["GOOD", "--model", "./no/such-model-dir"], "no such model folder"),
     "unknown random family": (["GOOD", "--model", "random:gpt"], "unknown family 'gpt'"),
+    "min above max tokens": (["GOOD", "--min-new-tokens", "9", "--max-new-tokens", "8"],
+                             "--min-new-tokens must be between 0 and --max-new-tokens"),
 }
+
+
+def test_min_new_tokens_forces_the_length(tmp_path):
+    """The embedded model ends its captions itself; --min-new-tokens keeps it writing (benchmarks use it)."""
+    lengths = {}
+    for forced in (0, 600):
+        out = tmp_path / f"{forced}.jsonl"
+        assert main(["caption", "--samples", "2", "--max-new-tokens", "600", "--min-new-tokens", str(forced),
+                     "--out", str(out)]) == 0
+        lengths[forced] = [r["new_tokens"] for r in read_records(out)]
+    assert max(lengths[0]) < 600, "the free captions must end before the limit for this test to mean anything"
+    assert lengths[600] == [600, 600]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
                                  "merges the parts into OUT when all are done.")
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="write at least this many tokens before an end token may end a caption (benchmarks force a "
+                        "length with it; default 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--vs-baseline", action="store_true",
                    help="also describe each image without methods, and print both side by side")
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise UserError("--min-new-tokens must be between 0 and --max-new-tokens")
     if (args.input is None) == (args.samples is None):
         raise UserError("give either INPUT or --samples N")
     try:
@@ -85,6 +90,8 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params) -> i
     captioner = load_captioner(args, names, params)
     prompt = args.prompt or DEFAULT_PROMPT
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    if args.min_new_tokens:
+        generate["min_new_tokens"] = args.min_new_tokens
     if args.sample:
         generate.update(temperature=args.temperature, top_p=args.top_p)
     settings = [(names, params)] + ([(["baseline"], None)] if args.vs_baseline and names != ["baseline"] else [])
