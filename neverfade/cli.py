@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand name -> module exposing add_parser(subparsers); the parser's `func(args) -> int` runs it.
@@ -38,8 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_PARALLEL = ("caption",)  # the subcommands that shard their work under torchrun
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:
+        print(f"neverfade {args.command}: error: does not run data-parallel (every rank would do all the work); "
+              "run it as one process. Under torchrun, use neverfade caption", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except UserError as err:

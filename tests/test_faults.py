@@ -339,3 +339,27 @@ def test_fault_table(tiny_models, tmp_path, capsys, monkeypatch, cases):
         print(f"\nfault table, {len(rows)} cases:\n{table}")
     assert all(r.ok for r in rows), table
     assert len(rows) == cases, f"the table has {len(rows)} rows; update N_CASES"
+
+
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path):
+    """A camera stores the sensor's pixels with an orientation tag; the model must see what a viewer shows."""
+    from neverfade.data.images import load_image
+
+    pixels = Image.new("RGB", (60, 20), (200, 10, 10))
+    pixels.paste((10, 10, 200), (0, 0, 10, 20))  # a blue band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    pixels.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = load_image(tmp_path / "phone.jpg")
+    assert upright.size == (20, 60)
+    top, bottom = upright.getpixel((10, 2)), upright.getpixel((10, 57))
+    assert top[2] > 150 and top[0] < 80, "the stored left edge is the top after turning"
+    assert bottom[0] > 150 and bottom[2] < 80
+
+
+def test_other_commands_refuse_to_run_under_torchrun(monkeypatch, capsys):
+    from neverfade.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["methods"]) == 2
+    assert "does not run data-parallel" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from neverfade.data.items import Item
 
@@ -70,7 +70,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))  # upright, as a photo viewer shows it
     except FileNotFoundError:
         raise ImageError(f"no such image: {path}") from None
     except Image.DecompressionBombError as err:
