@@ -40,6 +40,7 @@ class StaticLoop(DecodingLoop):
         self.check_every = check_every
         self.graph = self.static = None
         self.capture_error: str | None = None
+        self.buffered = False
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
 
     # ---- the step's fixed buffers ----
@@ -155,7 +156,8 @@ class StaticLoop(DecodingLoop):
             logits = self._next_logits(input_ids, tokens, step)
         if self.streamer is not None:
             self.streamer.end()
-        self.graph = None  # frees the graph's memory pool
+        self.buffered = self.static is not None  # whether the steps ran from the fixed buffers (tests, bench)
+        self.graph = self.static = None  # frees the graph's memory pool, and the buffers' hold on the cache
         stop = int(done_at)
         if stop:
             input_ids, kept = input_ids[:, : prompt_len + stop], kept[:stop]
