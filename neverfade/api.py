@@ -151,8 +151,7 @@ class Captioner:
         path = self.decode_path()
         if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":
             reason = "has its own decoding loop" if path == "strategy" else "keeps per-step state on the host"
-            names = [m.name for m in self.engine.hooks if path == "eager" and not m.capturable or
-                     path == "strategy" and m.strategy]
+            names = [m.name for m in self.engine.hooks if (m.strategy if path == "strategy" else not m.capturable)]
             _log_once(f"neverfade: {'+'.join(names)} {reason}; decode steps run eagerly (not captured)")
         if path in ("strategy", "captured", "static") and inputs_and_kwargs.get("streamer") is not None:
             inputs_and_kwargs["neverfade_streamer"] = inputs_and_kwargs.pop("streamer")

@@ -66,7 +66,6 @@ class StaticLoop(DecodingLoop):
         key_ok = torch.nn.functional.pad(prompt, (0, keys - prompt.shape[1]), value=True)
         self.query = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)  # cache index of the fed token
         self.key_index = torch.arange(keys, device=input_ids.device)
-        self.key_ok = key_ok
         static["attention_mask"] = (key_ok & (self.key_index <= self.query))[:, None, None, :].contiguous()
         static["return_dict"] = True
         return static

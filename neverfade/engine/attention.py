@@ -50,16 +50,14 @@ def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), 
         observed = probs.detach()  # observers keep state across steps; a gradient (SGRS) must not reach it
         for m in observers:
             m.observe(layer, observed, batch)
-    if reweighters:
+    if scale is not None and not reweighters and not probs.requires_grad:  # reweight and cast in one kernel
+        weights = torch.mul(probs, scale[:, None, None, :], out=torch.empty_like(probs, dtype=value.dtype))
+    else:
         if scale is not None:
             probs = probs * scale[:, None, None, :]
         for m in reweighters:
             probs = m.reweight(layer, probs, batch)
         weights = probs.to(value.dtype)
-    elif scale is not None and not probs.requires_grad:  # reweight and cast in one kernel
-        weights = torch.mul(probs, scale[:, None, None, :], out=torch.empty_like(probs, dtype=value.dtype))
-    else:
-        weights = (probs if scale is None else probs * scale[:, None, None, :]).to(value.dtype)
     out = torch.bmm(weights.view(b * kv_heads, -1, keys), value.reshape(b * kv_heads, keys, dim))
     return out.view(b, heads, 1, dim).transpose(1, 2)
 

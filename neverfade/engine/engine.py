@@ -7,6 +7,7 @@ positions are image tokens from `input_ids`) and counts decode steps. Nothing in
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -104,7 +105,8 @@ class Engine:
     # ---- the attention call ----
     def _row_methods(self, layer: int, methods: list[Method]):
         """(key editors acting here, observers, reweighters) among a layer's methods."""
-        editors = tuple(m for m in methods if m.acts_in(layer) and m.edits_keys)
+        editors = tuple(m for m in methods if m.acts_in(layer) and (type(m).key_boost is not Method.key_boost
+                                                                     or type(m).key_scale is not Method.key_scale))
         observers = [m for m in methods if type(m).observe is not Method.observe]
         reweighters = [m for m in methods if type(m).reweight is not Method.reweight]
         return editors, observers, reweighters
@@ -116,7 +118,8 @@ class Engine:
             return cached[1]
         boosts = [b for b in (m.key_boost(self.batch, keys) for m in editors) if b is not None]
         scales = [s for s in (m.key_scale(self.batch, keys) for m in editors) if s is not None]
-        edits = (_combine(boosts, torch.add), _combine(scales, torch.mul))
+        edits = (functools.reduce(torch.add, boosts) if boosts else None,
+                 functools.reduce(torch.mul, scales) if scales else None)
         self._step_cache[editors] = (keys, edits)
         return edits
 
@@ -148,12 +151,3 @@ class Engine:
                             self.prefill_rows)
             out = torch.cat([out[:, :-1], row], dim=1)  # not in place: SGRS backpropagates through SDPA's output
         return out, None
-
-
-def _combine(tensors: list, op):
-    if not tensors:
-        return None
-    out = tensors[0]
-    for t in tensors[1:]:
-        out = op(out, t)
-    return out

@@ -121,10 +121,9 @@ class Method:
     def begin_step(self, batch: Batch) -> None:
         """A decode step begins, before its first layer."""
 
-    # A method that edits attention per key says so with `edits_keys`; in the layers it `acts_in`, the newest
-    # query's logits z become z + boost * |z| (before the softmax) and its weights are multiplied by scale (after
-    # it, no renormalisation). Each is a (B or 1, keys) tensor for this step, or None.
-    edits_keys: ClassVar[bool] = False
+    # Per-key edits: in the layers a method `acts_in`, the newest query's logits z become z + boost * |z| (before
+    # the softmax) and its weights are multiplied by scale (after it, no renormalisation). Each is a (B or 1, keys)
+    # tensor for this step, or None; the engine builds them once per step.
 
     def acts_in(self, layer: int) -> bool:
         return False

@@ -27,7 +27,6 @@ class LocoRE(LayerRangeMethod):
     )
 
     capturable = True
-    edits_keys = True
 
     def key_scale(self, batch: Batch, keys: int) -> torch.Tensor:
         """1 + beta on the `window` generated keys before the newest; the window moves with the device-side

@@ -22,7 +22,6 @@ class Naive(LayerRangeMethod):
     )
 
     capturable = True
-    edits_keys = True
 
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).scale = torch.where(batch.image_mask, self.alpha, 1.0).float()

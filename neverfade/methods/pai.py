@@ -37,8 +37,6 @@ class PAI(LayerRangeMethod):
               "paper: PAI's default", minimum=0.0, maximum=1.0),
     )
 
-    edits_keys = True
-
     def bind(self, info):
         super().bind(info)
         self.image_token_id = info.image_token_id

@@ -34,8 +34,6 @@ class SPARC(Method):
     )
     keep_selections = False  # set True to record each step's selection (analysis; the decode step is not captured)
 
-    edits_keys = True
-
     @property
     def capturable(self) -> bool:
         return not self.keep_selections
