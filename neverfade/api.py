@@ -163,7 +163,12 @@ class Captioner:
             inputs_and_kwargs.setdefault("cache_implementation", "static")
             inputs_and_kwargs.setdefault("custom_generate", functools.partial(static_decode,
                                                                               capture=path == "captured"))
-        return self.model.generate(**inputs_and_kwargs)
+        out = self.model.generate(**inputs_and_kwargs)
+        if self.engine is not None:
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            prompt = inputs_and_kwargs.get("input_ids")
+            self.engine.check_decoded(sequences.shape[1] - (prompt.shape[1] if prompt is not None else 0))
+        return out
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
         """Generated tokens up to and including the first end-of-sequence token."""
@@ -184,11 +189,12 @@ def _log_once(message: str) -> None:
 def attach(model, processor, *methods: Method | str, **params: Any) -> Captioner:
     """Attach methods to a model you already hold: `attach(model, processor, "sparc", tau=2.0)`.
 
-    Keyword parameters apply to the one method named; with several methods pass Method objects instead."""
-    if params and len(methods) != 1:
-        raise ValueError("keyword parameters need exactly one method; pass Method objects to configure several")
-    per_method = {methods[0] if isinstance(methods[0], str) else methods[0].name: params} if params else None
-    return Captioner(model, processor, methods, per_method)
+    Keyword parameters apply to the one method named; an unknown name is refused (ParameterError). With several
+    methods, pass Method objects instead: `attach(model, processor, SPARC(tau=2.0), LocoRE(beta=0.2))`."""
+    if params and (len(methods) != 1 or not isinstance(methods[0], str)):
+        raise ValueError("keyword parameters need exactly one method given by name; pass Method objects to configure "
+                         "several")
+    return Captioner(model, processor, build_methods(methods, {methods[0]: params} if params else None))
 
 
 def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),

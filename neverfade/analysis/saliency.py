@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
 from neverfade.methods.base import Method
 
@@ -72,7 +73,7 @@ class ForcedLoop(DecodingLoop):
             logits = out.logits[:, -1].float()
             if wanted:
                 self.found[self.index] = self.probe.saliency(logits, self.tokens[self.index])
-                _detach_cache(self.kwargs.get("past_key_values"))
+                _detach_cache(compat.cache_of(self.kwargs))
         self.probe.armed = False
         self.index += 1
         return logits.detach()

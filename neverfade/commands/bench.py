@@ -145,6 +145,8 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
     """Time every setting at one batch size, interleaved, best of `repeats`."""
     import torch
 
+    from neverfade.decoding.captured import CaptureFailed
+
     device = captioner.model.device
     inputs = captioner.inputs(_images(batch_size, args.image_size))
     runs = settings + ([(STOCK, [], {})] if not args.no_stock else [])
@@ -163,6 +165,9 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
             except torch.OutOfMemoryError:
                 best[label] = {"error": "out of memory"}
                 torch.cuda.empty_cache()
+                continue
+            except CaptureFailed as err:
+                best[label] = {"error": str(err)}
                 continue
             if not repeat:
                 continue
@@ -184,17 +189,11 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
     import torch
 
     device = captioner.model.device
-    loop = getattr(captioner.model, "_neverfade_last_loop", None)
     path = captioner.decode_path()
-    capture_error = None
-    if path == "captured" and loop is not None and not loop.captured:
-        path, capture_error = "static (capture failed)", loop.capture_error
     captioner.model._neverfade_last_loop = None
     ms = (total - prefill) / (new_tokens - 1) * 1000
     row = {"path": path, "ms_per_token": round(ms, 3), "tokens_per_s": round(batch_size * 1000 / ms, 1),
            "prefill_s": round(prefill, 4)}
-    if capture_error:
-        row["capture_error"] = capture_error
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     state = state_floats_per_image_token(captioner)
@@ -226,6 +225,8 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
     eagerly ("static"); the static loop (on a CPU) against generate's own loop ("eager")."""
     import torch
 
+    from neverfade.decoding.captured import CaptureFailed
+
     inputs = captioner.inputs(_images(batch_size, args.image_size))
     results = []
     for setting in settings:
@@ -235,10 +236,12 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
             continue
         reference_path = "static" if path == "captured" else "eager"
         with _reproducible_attention(captioner.model.device):
-            _, fast = _timed(captioner, inputs, args.check_tokens)
-            loop = getattr(captioner.model, "_neverfade_last_loop", None)
-            if path == "captured" and loop is not None and not loop.captured:
-                path = "static (capture failed)"
+            try:
+                _, fast = _timed(captioner, inputs, args.check_tokens)
+            except CaptureFailed as err:
+                results.append({"model": model_name, "batch_size": batch_size, "setting": setting[0], "path": path,
+                                "same": False, "error": str(err)})
+                continue
             captioner.decode = reference_path
             _, reference = _timed(captioner, inputs, args.check_tokens)
         prompt = inputs["input_ids"].shape[1]

@@ -13,24 +13,14 @@ replay is checked against.
 
 from __future__ import annotations
 
-import logging
-import traceback
-
 import torch
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
 
-log = logging.getLogger("neverfade")
 
-ADVANCING = ("position_ids", "cache_position")  # +1 per step
-# the same at every step; image metadata some transformers versions keep passing after the prefill, unused there
-CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict", "image_grid_thw",
-            "video_grid_thw", "image_sizes", "second_per_grid_ts")
-
-
-class CaptureUnsupported(RuntimeError):
-    pass
+class CaptureFailed(RuntimeError):
+    """The decode step could not be captured in a CUDA graph: an error, not a quiet slow path."""
 
 
 class StaticLoop(DecodingLoop):
@@ -39,7 +29,6 @@ class StaticLoop(DecodingLoop):
         self.capture = capture
         self.check_every = check_every
         self.graph = self.static = None
-        self.capture_error: str | None = None
         self.buffered = False
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
 
@@ -48,16 +37,18 @@ class StaticLoop(DecodingLoop):
         """The first decode step's inputs, as generate prepares them, copied into buffers the graph can own."""
         inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, is_first_iteration=False,
                                                           **kwargs)
-        cache = inputs.get("past_key_values")
+        cache = compat.cache_of(inputs)
         if cache is None or not getattr(cache, "is_compileable", False):
-            raise CaptureUnsupported("the KV cache is not static")
-        static = {"past_key_values": cache}
-        for name, value in inputs.items():
-            if name in ("past_key_values", "attention_mask"):
+            raise compat.UnsupportedTransformers("the captured decode path needs generate's static KV cache, and got "
+                                                 f"{type(cache).__name__}")
+        static = compat.with_cache({}, cache)
+        for name, value in compat.without_cache(inputs).items():
+            if name == "attention_mask":
                 continue
             if isinstance(value, torch.Tensor):
-                if name != "input_ids" and name not in ADVANCING and name not in CONSTANT:
-                    raise CaptureUnsupported(f"unknown per-step input {name!r}")
+                if name != "input_ids" and name not in compat.STEP_ADVANCING and name not in compat.STEP_CONSTANT:
+                    raise compat.UnsupportedTransformers(f"the captured decode path cannot follow the per-step input "
+                                                         f"{name!r}")
                 value = value.clone()
             static[name] = value
         keys = cache.layers[0].max_cache_len
@@ -73,7 +64,7 @@ class StaticLoop(DecodingLoop):
     def _step(self):
         out = self.model(**self.static)
         self.logits.copy_(out.logits[:, -1])
-        for name in ADVANCING:
+        for name in compat.STEP_ADVANCING:
             if isinstance(self.static.get(name), torch.Tensor):
                 self.static[name].add_(1)
         self.query.add_(1)
@@ -81,9 +72,6 @@ class StaticLoop(DecodingLoop):
 
     def _next_logits(self, input_ids, tokens, step: int) -> torch.Tensor:
         """Logits of decode step `step` (1-based), whose input is the newest `tokens`."""
-        if self.static is None:  # inputs the buffers cannot follow: generate's own preparation, eagerly
-            out, self.kwargs = self.forward(input_ids, self.kwargs, first=False)
-            return out.logits[:, -1].float()
         self.static["input_ids"].copy_(tokens[:, None])
         if self.graph is not None:
             self.graph.replay()
@@ -91,9 +79,7 @@ class StaticLoop(DecodingLoop):
             try:
                 side = torch.cuda.Stream()
             except Exception as err:
-                self._give_up(err)
-                self._step()
-                return self.logits
+                raise self._failed(err) from err
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._step()
@@ -106,20 +92,20 @@ class StaticLoop(DecodingLoop):
                 self.graph, self.captured = graph, True
                 graph.replay()
             except Exception as err:
-                self._give_up(err)
-                self._step()  # a failed capture ran nothing
+                raise self._failed(err) from err
         else:
             self._step()
         return self.logits
 
-    def _give_up(self, err: Exception) -> None:
-        """Capture is an optimisation: say why, once, and go on eagerly."""
-        self.capture, self.capture_error = False, traceback.format_exc()
-        log.warning("neverfade: the decode step could not be captured in a CUDA graph (%s); decoding eagerly",
-                    (str(err).splitlines() or [type(err).__name__])[0])
+    @staticmethod
+    def _failed(err: Exception) -> CaptureFailed:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return CaptureFailed(f"the decode step could not be captured in a CUDA graph ({first}; transformers "
+                             f"{compat.VERSION}, torch {torch.__version__}); decode without capture with "
+                             "decode='eager' (--decode eager)")
 
     def run(self, input_ids, model_kwargs):
-        pad = self.config._pad_token_tensor
+        pad = compat.pad_token(self.config)
         has_eos = any(hasattr(c, "eos_token_id") for c in self.stopping_criteria)
         batch, prompt_len = input_ids.shape
         device = input_ids.device
@@ -147,11 +133,7 @@ class StaticLoop(DecodingLoop):
             if input_ids.shape[1] >= self.config.max_length or (step % self.check_every == 0 and done_at > 0):
                 break
             if step == 1:
-                try:
-                    self.static = self._buffers(input_ids, self.kwargs)
-                except CaptureUnsupported as err:
-                    log.warning("neverfade: %s; decoding with generate's own step preparation", err)
-                    self.static = None
+                self.static = self._buffers(input_ids, self.kwargs)
             logits = self._next_logits(input_ids, tokens, step)
         if self.streamer is not None:
             self.streamer.end()
@@ -161,8 +143,7 @@ class StaticLoop(DecodingLoop):
         if stop:
             input_ids, kept = input_ids[:, : prompt_len + stop], kept[:stop]
         if self.config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=input_ids, scores=tuple(kept) or None,
-                                             past_key_values=model_kwargs.get("past_key_values"))
+            return compat.decoder_output(input_ids, tuple(kept) or None, compat.cache_of(model_kwargs))
         return input_ids
 
 

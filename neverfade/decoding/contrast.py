@@ -8,6 +8,7 @@ import copy
 
 import torch
 
+from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
 
 
@@ -33,8 +34,8 @@ def contrast_decode(model, input_ids, logits_processor, stopping_criteria, gener
     if synced_gpus:
         raise ValueError(f"{method.name} does not support synced_gpus")
     other_ids, other_kwargs = method.contrast_inputs(model, input_ids, model_kwargs, neverfade_inputs or {})
-    if model_kwargs.get("past_key_values") is not None:
-        other_kwargs["past_key_values"] = copy.deepcopy(model_kwargs["past_key_values"])  # empty before the prefill
+    if compat.cache_of(model_kwargs) is not None:  # empty before the prefill
+        other_kwargs = compat.with_cache(other_kwargs, copy.deepcopy(compat.cache_of(model_kwargs)))
     loop = ContrastLoop(method, other_ids, other_kwargs, model=model, logits_processor=logits_processor,
                         stopping_criteria=stopping_criteria, generation_config=generation_config, streamer=streamer)
     return loop.run(input_ids, model_kwargs)

@@ -5,7 +5,7 @@ subclass says how a step's logits are made (`step_logits`) and how a token is ch
 from __future__ import annotations
 
 import torch
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from neverfade import compat
 
 
 class DecodingLoop:
@@ -22,7 +22,7 @@ class DecodingLoop:
         inputs = self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else 1,
                                                           is_first_iteration=first, **kwargs)
         out = self.model(**inputs, return_dict=True)
-        return out, self.model._update_model_kwargs_for_generation(out, kwargs)
+        return out, compat.update_model_kwargs(self.model, out, kwargs)
 
     def step_logits(self, input_ids, first: bool) -> torch.Tensor:
         """(B, V) float32 next-token logits of this step."""
@@ -39,7 +39,7 @@ class DecodingLoop:
 
     def run(self, input_ids, model_kwargs):
         self.kwargs = model_kwargs
-        pad = self.config._pad_token_tensor
+        pad = compat.pad_token(self.config)
         has_eos = any(hasattr(c, "eos_token_id") for c in self.stopping_criteria)
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         keep_scores = self.config.return_dict_in_generate and self.config.output_scores
@@ -63,6 +63,5 @@ class DecodingLoop:
         if self.streamer is not None:
             self.streamer.end()
         if self.config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores_seen or None,
-                                             past_key_values=self.kwargs.get("past_key_values"))
+            return compat.decoder_output(input_ids, scores_seen or None, compat.cache_of(self.kwargs))
         return input_ids

@@ -14,13 +14,12 @@ for the logits, so the cache, the logits and every method's state are those the 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
+from neverfade import compat
 from neverfade.methods.base import ParameterError
 
 SEQUENCE_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")  # grow with the sequence
@@ -38,12 +37,12 @@ def beam_decode(model, input_ids, logits_processor, stopping_criteria, generatio
     if generation_config.num_beams != 1 or generation_config.num_return_sequences != 1:
         raise ValueError("opera runs its own beams (its num_beams parameter): call generate without num_beams or "
                          "num_return_sequences")
-    cache = model_kwargs.get("past_key_values")
+    cache = compat.cache_of(model_kwargs)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise ValueError("opera needs an empty DynamicCache (generate's default cache)")
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     out = model(**inputs, return_dict=True)
-    kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
+    kwargs = compat.update_model_kwargs(model, out, model_kwargs)
     search = BeamSearch(model, method, cache, kwargs, out.logits[:, -1].float(), logits_processor,
                         stopping_criteria, generation_config)
     results = [search.run(b, input_ids[b]) for b in range(input_ids.shape[0])]
@@ -55,7 +54,7 @@ def beam_decode(model, input_ids, logits_processor, stopping_criteria, generatio
         sequences[i, : len(r.sequence)] = r.sequence
     if generation_config.return_dict_in_generate:
         scores = torch.stack([r.score for r in results]) if generation_config.output_scores else None
-        return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=scores)
+        return compat.beam_output(sequences, scores)
     return sequences
 
 
@@ -112,14 +111,14 @@ class BeamSearch:
         self.prompt_states = {k: v.clone() for k, v in row_states(self.batch, method).items()}
         self.prompt_mask = self.batch.image_mask
         self.prompt_len = self.prompt_mask.shape[1]
-        self.kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        self.kwargs = compat.without_cache(kwargs)
         self.first_logits = first_logits
         self.vocab = first_logits.shape[-1]
         if method.candidates > self.vocab:
             raise ParameterError(f"opera: {method.candidates} candidates for a vocabulary of {self.vocab}")
         self.max_length = config.max_length
         self.length_penalty, self.early_stopping = config.length_penalty, config.early_stopping
-        pad, eos = config._pad_token_tensor, config._eos_token_tensor
+        pad, eos = compat.pad_token(config), compat.eos_tokens(config)
         self.fill = pad or eos[0] if eos is not None else -1  # transformers' fill value, precedence included
         n = method.num_beams
         self.beams_to_keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * n
@@ -199,29 +198,32 @@ class BeamSearch:
                       top_num_beam_mask=self.top_num_beam_mask)
         scores = self.processor(beams.running_sequences[0, :, :cur], scores)
         accumulated = (scores + beams.running_beam_scores.view(n, 1)).view(1, -1)
-        topk_scores, topk_sequences, topk_indices = _call(
-            model._get_top_k_continuations, common, accumulated_log_probs=accumulated, cur_len=cur,
+
+        def call(helper, **arguments):
+            return compat.beam_helper(model, helper, common, **arguments)
+
+        topk_scores, topk_sequences, topk_indices = call(
+            "_get_top_k_continuations", accumulated_log_probs=accumulated, cur_len=cur,
             running_sequences=beams.running_sequences, running_beam_indices=beams.running_beam_indices)
         hits = self.stopping(topk_sequences[0, :, : cur + 1], None).view(1, -1)
-        beams.running_sequences, beams.running_beam_scores, beams.running_beam_indices = _call(
-            model._get_running_beams_for_next_iteration, common, topk_log_probs=topk_scores,
+        beams.running_sequences, beams.running_beam_scores, beams.running_beam_indices = call(
+            "_get_running_beams_for_next_iteration", topk_log_probs=topk_scores,
             topk_running_sequences=topk_sequences, topk_running_beam_indices=topk_indices,
             next_token_hits_stopping_criteria=hits)
-        beams.sequences, beams.beam_scores, beams.beam_indices, beams.is_sent_finished = _call(
-            model._update_finished_beams, common, sequences=beams.sequences, topk_running_sequences=topk_sequences,
+        beams.sequences, beams.beam_scores, beams.beam_indices, beams.is_sent_finished = call(
+            "_update_finished_beams", sequences=beams.sequences, topk_running_sequences=topk_sequences,
             beam_scores=beams.beam_scores, topk_log_probs=topk_scores, beam_indices=beams.beam_indices,
             topk_running_beam_indices=topk_indices, is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
             is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits, cur_len=cur)
         parents = beams.running_beam_indices[0, :, cur - p_len].long()
         tokens = beams.running_sequences[0, :, cur]
         beams.cur_len = cur + 1
-        beams.unsatisfied = _call(model._check_early_stop_heuristic, common,
-                                  is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
-                                  running_beam_scores=beams.running_beam_scores, beam_scores=beams.beam_scores,
-                                  is_sent_finished=beams.is_sent_finished, cur_len=cur + 1)
-        done = not bool(_call(model._beam_search_has_unfinished_sequences, common,
-                              is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
-                              is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits))
+        beams.unsatisfied = call("_check_early_stop_heuristic", is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+                                 running_beam_scores=beams.running_beam_scores, beam_scores=beams.beam_scores,
+                                 is_sent_finished=beams.is_sent_finished, cur_len=cur + 1)
+        done = not bool(call("_beam_search_has_unfinished_sequences",
+                             is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+                             is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits))
         return parents, tokens, done
 
     def rollback_target(self, locations):
@@ -269,11 +271,11 @@ class BeamSearch:
         self.batch.query_index.fill_(self.batch.prompt_len - 1 + position)
         kwargs = dict(self.image_kwargs)
         if position:
-            kwargs = self.model._update_model_kwargs_for_generation({}, kwargs, num_new_tokens=position)
+            kwargs = compat.update_model_kwargs(self.model, {}, kwargs, num_new_tokens=position)
         rows = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         kwargs = {k: _rows(k, v, rows) if k in SEQUENCE_KEYS else v for k, v in kwargs.items()}
         inputs = self.model.prepare_inputs_for_generation(tokens[:, None], next_sequence_length=1,
-                                                          past_key_values=self.cache, **kwargs)
+                                                          **compat.with_cache(kwargs, self.cache))
         out = self.model(**inputs, return_dict=True)
         return out.logits[:, -1].float(), self.batch.state(self.m).row
 
@@ -313,13 +315,6 @@ def mode(x: torch.Tensor) -> torch.Tensor:
     counts = (x[..., :, None] == x[..., None, :]).sum(-1)
     top = counts == counts.max(-1, keepdim=True).values
     return torch.where(top, x, x.max() + 1).min(-1).values
-
-
-def _call(helper, common: dict, **arguments):
-    """One of transformers' beam-search helpers, given the arguments it takes: their lists differ between
-    transformers 5 releases (5.17 also takes vocab_size), their names do not."""
-    accepted = inspect.signature(helper).parameters
-    return helper(**{k: v for k, v in {**common, **arguments}.items() if k in accepted})
 
 
 def _rows(key: str, value, index: torch.Tensor):

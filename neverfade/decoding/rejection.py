@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
 
 
@@ -60,7 +61,7 @@ class RejectionLoop(DecodingLoop):
         with torch.enable_grad():
             sal = saliencies(self.logits, candidates, self.rows, keys)
         self.rows = None
-        _detach_cache(self.kwargs.get("past_key_values"))
+        _detach_cache(compat.cache_of(self.kwargs))
         if self.seen == 0:
             pick = super().choose(input_ids, logits, scores)
             chosen_sal = torch.where(candidates == pick[:, None], sal, 0).sum(1)

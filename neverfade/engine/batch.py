@@ -15,6 +15,7 @@ import torch
 class Batch:
     image_mask: torch.Tensor  # (B, P) bool: which prompt keys are image tokens, per sequence (left padding included)
     step: int = 0  # 0 while the prompt is prefilled; t at decode step t (not advanced by a replayed CUDA graph)
+    rows: int = 0  # decode-step attention rows computed for the methods (not advanced by a replayed CUDA graph)
     query_index: torch.Tensor = None  # () long, on the device: the cache index of the newest query token
     _state: dict[str, SimpleNamespace] = field(default_factory=dict)
 

@@ -14,6 +14,7 @@ import torch
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from neverfade import compat
 from neverfade.engine import attention
 from neverfade.engine.batch import Batch
 from neverfade.methods.base import Method
@@ -76,12 +77,17 @@ class Engine:
         """Start a Batch at a prefill, or advance the cache's Batch by one decode step. Only tensor work happens
         per decode step (no host synchronisation), so a captured step replays it."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        if input_ids is None:
+            raise ValueError("neverfade needs input_ids at every forward: at the prompt to find the image tokens, "
+                             "at a decode step to count it")
+        cache = compat.cache_of(kwargs)
+        if cache is None and input_ids.shape[1] == 1:  # a decode step neverfade cannot tie to its prompt
+            raise compat.UnsupportedTransformers(
+                "a one-token forward came without the KV cache, so neverfade cannot tell which prompt it continues "
+                f"(keyword arguments: {', '.join(sorted(kwargs))}); generate with use_cache=True")
         self._step_cache = {}
         known = self._batches.get(cache, self.batch) if cache is not None else None
-        if known is None or input_ids is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
-            if input_ids is None:
-                raise ValueError("neverfade needs input_ids at the prefill to find the image tokens")
+        if known is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
             self.batch = Batch(image_mask=input_ids == self.info.image_token_id)
             if cache is not None:
                 self._batches[cache] = self.batch
@@ -89,13 +95,27 @@ class Engine:
                 m.begin_batch(self.batch)
             return None
         self.batch = known
-        if input_ids is not None and input_ids.shape[0] != self.batch.size:
+        if input_ids.shape[0] != self.batch.size:
             raise RuntimeError("the batch changed size between steps; beam search is not supported")
         self.batch.step += 1
         self.batch.query_index.add_(1)
         for m in self.hooks:
             m.begin_step(self.batch)
         return None
+
+    def check_decoded(self, new_tokens: int) -> None:
+        """After a generation of `new_tokens` tokens: refuse a run in which the methods could not act (no decode step
+        reached the engine, or no decode step's attention came through neverfade's attention function)."""
+        if new_tokens < 2 or not self.hooks:
+            return
+        batch = self.batch
+        if batch is None or batch.step == 0:
+            raise compat.UnsupportedTransformers(
+                f"{new_tokens} tokens were generated, but neverfade saw no decode step: the methods did not act")
+        if batch.rows == 0 and any(self.decode_layers):
+            raise compat.UnsupportedTransformers(
+                "the decode steps' attention did not come through neverfade's attention function: the methods did "
+                "not act")
 
     @property
     def capturable(self) -> bool:
@@ -142,6 +162,7 @@ class Engine:
             scaling = query.shape[-1] ** -0.5
         if query.shape[2] == 1 and batch is not None and batch.step > 0:
             if self.decode_layers[layer]:
+                batch.rows += 1
                 return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                         **kwargs)

@@ -1,0 +1,113 @@
+"""Every transformers name that is private or changed between the 5.x releases neverfade supports, in one place.
+
+The supported range is `SUPPORTED` (both ends tested in CI). Outside it neverfade still runs, after one warning,
+and refuses to decode as soon as something it relies on is missing, never falling back to the baseline quietly.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import transformers
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
+
+SUPPORTED = ("5.17", "5.24")  # lowest and highest transformers minor tested; keep pyproject.toml in step
+VERSION = transformers.__version__
+
+# 5.24 renamed the cache argument of the models, of prepare_inputs_for_generation and of generate's outputs from
+# `past_key_values` to `cache` (the old name is deprecated, for removal in 5.40)
+CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+    else "past_key_values"
+_CACHE_NAMES = ("cache", "past_key_values")
+
+# the per-step inputs prepare_inputs_for_generation makes at a decode step, besides input_ids, the cache and the mask:
+STEP_ADVANCING = ("position_ids", "cache_position")  # +1 per step
+# the same at every step; image metadata some releases keep passing after the prefill, unused there
+STEP_CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict",
+                 "image_grid_thw", "video_grid_thw", "image_sizes", "second_per_grid_ts")
+
+
+class UnsupportedTransformers(RuntimeError):
+    """Something neverfade relies on does not behave as in the supported transformers releases."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} (transformers {VERSION}; neverfade is tested with {SUPPORTED[0]} to "
+                         f"{SUPPORTED[1]}.x)")
+
+
+def minor(version: str) -> tuple[int, int]:
+    major, minor_, *_ = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor_ if c.isdigit()) or 0)
+
+
+def supported(version: str = VERSION) -> bool:
+    return minor(SUPPORTED[0]) <= minor(version) <= minor(SUPPORTED[1])
+
+
+@functools.lru_cache(maxsize=None)
+def warn_if_untested() -> None:
+    if not supported():
+        logging.getLogger("neverfade").warning(
+            "neverfade: transformers %s is outside the tested range %s to %s.x; an incompatibility is an error, "
+            "never a silent baseline", VERSION, *SUPPORTED)
+
+
+def cache_of(kwargs: dict):
+    """The KV cache among a model call's or generate's keyword arguments, under either name."""
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def without_cache(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in _CACHE_NAMES}
+
+
+def with_cache(kwargs: dict, cache) -> dict:
+    """`kwargs` with the cache under this version's name (and not under the other one)."""
+    return {**without_cache(kwargs), CACHE: cache}
+
+
+def update_model_kwargs(model, outputs, kwargs: dict, num_new_tokens: int = 1) -> dict:
+    """generate's own update of the step's keyword arguments (cache, attention mask, positions, token types)."""
+    return model._update_model_kwargs_for_generation(outputs, kwargs, num_new_tokens=num_new_tokens)
+
+
+def pad_token(config):
+    """The generation config's pad token as a tensor (or None), as generate prepared it."""
+    return config._pad_token_tensor
+
+
+def eos_tokens(config):
+    return config._eos_token_tensor
+
+
+def decoder_output(sequences, scores, cache) -> GenerateDecoderOnlyOutput:
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, **{_output_cache_field(): cache})
+
+
+def beam_output(sequences, scores) -> GenerateBeamDecoderOnlyOutput:
+    return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=scores)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_cache_field() -> str:
+    fields = GenerateDecoderOnlyOutput.__dataclass_fields__
+    name = next((n for n in _CACHE_NAMES if n in fields), None)
+    if name is None:
+        raise UnsupportedTransformers("generate's output has no cache field")
+    return name
+
+
+def beam_helper(model, name: str, common: dict, **arguments):
+    """One of transformers' private beam-search helpers (`_get_top_k_continuations` and its siblings, as
+    `generate(num_beams=N)` runs them), given the arguments it takes: their lists differ between releases (5.17 also
+    takes vocab_size), their names do not."""
+    helper = getattr(model, name, None)
+    if helper is None:
+        raise UnsupportedTransformers(f"generate has no beam-search helper {name}")
+    accepted = inspect.signature(helper).parameters
+    return helper(**{k: v for k, v in {**common, **arguments}.items() if k in accepted})
