@@ -42,8 +42,8 @@ def minor(version: str) -> tuple[int, int]:
     return int(major), int("".join(c for c in minor_ if c.isdigit()) or 0)
 
 
-def supported(version: str = VERSION) -> bool:
-    return minor(SUPPORTED[0]) <= minor(version) <= minor(SUPPORTED[1])
+def supported(version: str | None = None) -> bool:
+    return minor(SUPPORTED[0]) <= minor(version or VERSION) <= minor(SUPPORTED[1])
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import neverfade
+from neverfade import compat
+from neverfade.methods import ParameterError
 from neverfade.models.random import FAMILIES
 from reference_sparc import ReferenceSPARC
 from conftest import make_images
@@ -96,3 +98,46 @@ def test_beam_search_is_refused_with_methods(tiny_models):
         c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)
     c.use([])
     assert len(c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)) == 1
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparc_changes_the_output_on_every_family_and_path(tiny_models, family, decode):
+    """What transformers 5.24 broke silently (the cache under a new name: every step looked like a new prompt)."""
+    c = neverfade.load(tiny_models[family], device="cpu")
+    c.decode = decode
+    inputs = c.inputs(make_images()[1:2])
+    with torch.no_grad():
+        baseline = c.generate(**inputs, **GREEDY)
+        c.use(["sparc"], {"sparc": SPARC})
+        assert c.decode_path() == decode
+        sparc = c.generate(**inputs, **GREEDY)
+    assert c.engine.batch.step == STEPS - 1  # every decode step reached the engine
+    assert (c.engine.batch.state(c.methods[0]).weight > 1).any()
+    assert not torch.equal(sparc.sequences, baseline.sequences)
+
+
+def test_methods_that_never_see_a_decode_step_are_an_error(tiny_models):
+    """Without the KV cache each step is a whole new prompt, and no method could act: refused, never the baseline."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"])
+    with pytest.raises(compat.UnsupportedTransformers, match="saw no decode step"):
+        c.caption(make_images()[:1], max_new_tokens=4, min_new_tokens=4, use_cache=False)
+
+
+def test_a_cache_under_an_unknown_name_is_an_error(tiny_models, monkeypatch):
+    """A release that passes the cache under a name neverfade does not know fails at the first decode step."""
+    c = neverfade.load(tiny_models["qwen2_vl"], device="cpu", methods=["sparc"])
+    monkeypatch.setattr(compat, "_CACHE_NAMES", ("renamed_cache",))
+    with pytest.raises(compat.UnsupportedTransformers, match="without the KV cache"):
+        c.caption(make_images()[:1], max_new_tokens=4)
+
+
+def test_attach_passes_keyword_parameters_and_refuses_unknown_ones(tiny_models):
+    c = neverfade.load(tiny_models["llava"], device="cpu")
+    attached = neverfade.attach(c.model, c.processor, "sparc", tau=2.0, alpha=1.3)
+    assert (attached.methods[0].tau, attached.methods[0].alpha) == (2.0, 1.3)
+    attached.use([])
+    with pytest.raises(ParameterError, match="has no parameter tua"):
+        neverfade.attach(c.model, c.processor, "sparc", tua=2.0)
+    with pytest.raises(ValueError, match="exactly one method"):
+        neverfade.attach(c.model, c.processor, "sparc", "locore", tau=2.0)

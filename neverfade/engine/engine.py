@@ -50,6 +50,7 @@ class Engine:
 
     # ---- attaching ----
     def attach(self) -> "Engine":
+        compat.warn_if_untested()
         attention.register()
         text_config = self.model.config.get_text_config()
         self._previous_impl = text_config._attn_implementation

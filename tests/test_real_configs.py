@@ -1,0 +1,80 @@
+"""The real-size configurations (`random:<family>:7b`) built on the meta device, where weights take no memory: every
+method attaches, its layers resolve to the family's paper values, and a prefill and a decode step of the language
+model run through neverfade's attention function in every layer. A module, kwarg or attention hook renamed in a new
+transformers release fails here, on a CPU, instead of on a user's GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from neverfade import compat
+from neverfade.api import Captioner
+from neverfade.engine.attention import NAME
+from neverfade.engine.batch import Batch
+from neverfade.methods import METHODS
+from neverfade.models.families import text_attention_modules
+from neverfade.models.random import FAMILIES, random_model
+
+PAPER = {  # SPARC's selection layer and tau per family (METHODS.md), and the depth of the 7B model
+    "llava": (20, 1.5, 32), "llava_next": (20, 4.0, 32), "qwen2_vl": (18, 3.0, 28), "qwen2_5_vl": (18, 3.0, 28)}
+ROW_METHODS = ["sparc", "locore", "naive", "pai"]  # the methods acting through the attention row
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def meta_model(request):
+    model, processor = random_model(request.param, "7b", dtype=torch.bfloat16, device="meta")
+    return request.param, model, processor
+
+
+def test_every_method_attaches_to_every_layer(meta_model):
+    family, model, processor = meta_model
+    layer, tau, depth = PAPER[family]
+    modules = text_attention_modules(model)
+    assert len(modules) == depth == model.config.get_text_config().num_hidden_layers
+    assert [m.layer_idx for m in modules] == list(range(depth))
+    for name in METHODS:
+        c = Captioner(model, processor, [name])
+        engine = c.engine
+        assert all(m._neverfade_engine is engine for m in modules)
+        assert model.config.get_text_config()._attn_implementation == NAME
+        assert model.config.vision_config._attn_implementation != NAME  # the vision tower keeps its own
+        for m in engine.hooks:
+            used = m.decode_layers(depth) | m.prefill_layers(depth)
+            assert used <= set(range(depth)), f"{name} names layers beyond the model's {depth}"
+        if name == "sparc":
+            assert (engine.methods[0].layer, engine.methods[0].tau) == (layer, tau)
+        if engine.methods[0].strategy:
+            assert callable(engine.custom_generate())
+        c.use([])
+        assert all(not hasattr(m, "_neverfade_engine") for m in modules)
+        assert model.config.get_text_config()._attn_implementation != NAME
+
+
+def test_a_decode_step_reaches_every_layer_at_real_shapes(meta_model):
+    """The language model's prefill and one decode step on meta tensors, with the engine's batch set by hand (the
+    vision towers cannot run on meta: they read image sizes as numbers)."""
+    family, model, processor = meta_model
+    depth = model.config.get_text_config().num_hidden_layers
+    c = Captioner(model, processor, ROW_METHODS)
+    engine, prompt = c.engine, 40
+    image = torch.zeros(1, prompt, dtype=torch.bool)
+    image[0, 5:30] = True
+    engine.batch = Batch(image_mask=image.to("meta"))
+    for m in engine.hooks:
+        m.begin_batch(engine.batch)
+    decoder, hidden = model.get_decoder(), model.config.get_text_config().hidden_size
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad():
+        decoder(inputs_embeds=torch.zeros(1, prompt, hidden, device="meta", dtype=torch.bfloat16),
+                use_cache=True, **compat.with_cache({}, cache))
+        assert cache.get_seq_length() == prompt
+        engine.batch.step = 1
+        for m in engine.hooks:
+            m.begin_step(engine.batch)
+        out = decoder(inputs_embeds=torch.zeros(1, 1, hidden, device="meta", dtype=torch.bfloat16), use_cache=True,
+                      **compat.with_cache({}, cache))
+    assert out.last_hidden_state.shape == (1, 1, hidden)
+    assert engine.batch.rows == depth  # every layer computed the methods' explicit row
+    c.use([])
