@@ -22,7 +22,7 @@ from neverfade.decoding.captured import static_decode
 from neverfade.engine.engine import Engine
 from neverfade.methods import build_methods
 from neverfade.methods.base import Method
-from neverfade.models.families import model_info
+from neverfade.models.families import FAMILIES, model_info
 from neverfade.models.processors import load_processor
 
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -40,8 +40,13 @@ class Captioner:
     """A model, its processor, and the methods attached to it."""
 
     def __init__(self, model, processor, methods: Iterable[Method | str] = (), name: str | None = None,
-                 decode: str = "auto"):
-        model_info(model)  # refuse unsupported architectures before anything else
+                 decode: str = "auto", paper: bool = False):
+        """`paper`: run as the SPARC authors did for this family (`PaperSetup`): their prompt format, their image
+        padding; the model must already be in their dtype (`load(..., paper=True)` loads it so)."""
+        family = model_info(model).family  # refuse unsupported architectures before anything else
+        self.paper = family.paper if paper else None
+        if paper:
+            _check_paper(family, model.dtype)
         self.model = model.eval()
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
@@ -50,6 +55,8 @@ class Captioner:
         self.attention_probe: ImageAttentionShare | None = None
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
+        if self.paper is not None and self.paper.pad_to_square:
+            self.processor.image_processor = _padding_to_square(self.processor.image_processor)
         self.use(methods)
 
     def record_attention(self, layer: int | None = None) -> "Captioner":
@@ -84,6 +91,8 @@ class Captioner:
         return [m.describe() for m in self.methods]
 
     def prompt_text(self, prompt: str) -> str:
+        if self.paper is not None and self.paper.conversation:
+            return self.paper.conversation.format(image=self.processor.image_token, prompt=prompt)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
@@ -199,25 +208,28 @@ def attach(model, processor, *methods: Method | str, **params: Any) -> Captioner
 
 def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),
          method_params: dict[str, dict[str, Any]] | None = None, device: str | None = None,
-         dtype: str | torch.dtype | None = None) -> Captioner:
-    """Load a model (a local path or hub id; None: the embedded default) with methods attached."""
+         dtype: str | torch.dtype | None = None, paper: bool = False) -> Captioner:
+    """Load a model (a local path or hub id; None: the embedded default) with methods attached. `paper`: as the
+    SPARC authors ran its family (their dtype, prompt format and image padding; see `PaperSetup`)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from neverfade.models.families import check_supported
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _dtype(dtype, device)
     built = build_methods(methods, method_params)  # bad method names and values fail before the model loads
     if str(model).startswith("random:") and str(model).endswith(":7b"):
         from neverfade.models.random import random_model
 
-        net, processor = random_model(str(model).split(":")[1], "7b", dtype=dtype, device=device)
-        return Captioner(net.eval(), processor, built, name=str(model))
+        net, processor = random_model(str(model).split(":")[1], "7b", dtype=_dtype(dtype, device), device=device)
+        if paper:
+            net = net.to(_dtype(_check_paper(model_info(net).family, dtype), device))
+        return Captioner(net.eval(), processor, built, name=str(model), paper=paper)
     path, name = resolve_model(model)
-    check_supported(AutoConfig.from_pretrained(path))
+    family = check_supported(AutoConfig.from_pretrained(path))
+    dtype = _dtype(_check_paper(family, dtype) if paper else dtype, device)
     net = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     processor = load_processor(path, _processor_class(path))
-    return Captioner(net, processor, built, name=name)
+    return Captioner(net, processor, built, name=name, paper=paper)
 
 
 def resolve_model(model: str | Path | None) -> tuple[str, str]:
@@ -245,6 +257,29 @@ def _processor_class(path: str) -> str | None:
             if cls:
                 return cls
     return None
+
+
+def _check_paper(family, dtype):
+    """The dtype paper mode runs `family` in (the authors' where they state it); refuses a family they did not run
+    and a dtype other than theirs."""
+    if family.paper is None:
+        ran = ", ".join(f.name for f in FAMILIES.values() if f.paper is not None)
+        raise ValueError(f"paper mode: the SPARC authors did not run {family.name} (they ran {ran})")
+    wanted = family.paper.dtype
+    if wanted is None or dtype in (None, "auto"):
+        return wanted or dtype
+    if _dtype(dtype, "cpu") != _dtype(wanted, "cpu"):
+        raise ValueError(f"paper mode runs {family.name} in {wanted}, as the authors did; got {dtype} "
+                         f"({family.paper.source})")
+    return wanted
+
+
+def _padding_to_square(image_processor):
+    """LLaVA's own image processor with `do_pad`: the image padded to a square with the mean colour, then resized
+    and cropped as the checkpoint's processor does (LLaVA-1.5's image_aspect_ratio "pad")."""
+    from transformers import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil.from_dict({**image_processor.to_dict(), "do_pad": True})
 
 
 def _dtype(dtype, device: str) -> torch.dtype:

@@ -11,7 +11,7 @@ from neverfade.models.random import FAMILIES, build_random  # noqa: E402
 
 # the engine, method and decoding tests: CI runs them on the oldest supported transformers too (`pytest -m core`)
 CORE = {"test_sparc.py", "test_captured.py", "test_methods.py", "test_opera.py", "test_sgrs.py", "test_vcd.py",
-        "test_families.py", "test_real_configs.py", "test_compat.py"}
+        "test_families.py", "test_real_configs.py", "test_compat.py", "test_paper.py"}
 
 
 def pytest_collection_modifyitems(items):
