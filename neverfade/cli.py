@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from neverfade.errors import CannotAct
+
 # subcommand name -> module exposing add_parser(subparsers); the parser's `func(args) -> int` runs it.
 SUBCOMMANDS = {
     "caption": "neverfade.commands.caption",
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UserError as err:
+    except (UserError, CannotAct) as err:
         print(f"neverfade {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

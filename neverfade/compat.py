@@ -13,6 +13,8 @@ import logging
 import transformers
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
 
+from neverfade.errors import CannotAct
+
 SUPPORTED = ("5.17", "5.24")  # lowest and highest transformers minor tested; keep pyproject.toml in step
 VERSION = transformers.__version__
 
@@ -29,7 +31,7 @@ STEP_CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_c
                  "image_grid_thw", "video_grid_thw", "image_sizes", "second_per_grid_ts")
 
 
-class UnsupportedTransformers(RuntimeError):
+class UnsupportedTransformers(CannotAct):
     """Something neverfade relies on does not behave as in the supported transformers releases."""
 
     def __init__(self, what: str):

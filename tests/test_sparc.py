@@ -100,11 +100,14 @@ def test_beam_search_is_refused_with_methods(tiny_models):
     assert len(c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)) == 1
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured decode path needs CUDA")
+
+
+@pytest.mark.parametrize("decode", ["eager", "static", pytest.param("captured", marks=CUDA)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparc_changes_the_output_on_every_family_and_path(tiny_models, family, decode):
     """What transformers 5.24 broke silently (the cache under a new name: every step looked like a new prompt)."""
-    c = neverfade.load(tiny_models[family], device="cpu")
+    c = neverfade.load(tiny_models[family], device="cuda" if decode == "captured" else "cpu", dtype="float32")
     c.decode = decode
     inputs = c.inputs(make_images()[1:2])
     with torch.no_grad():
@@ -112,7 +115,10 @@ def test_sparc_changes_the_output_on_every_family_and_path(tiny_models, family, 
         c.use(["sparc"], {"sparc": SPARC})
         assert c.decode_path() == decode
         sparc = c.generate(**inputs, **GREEDY)
-    assert c.engine.batch.step == STEPS - 1  # every decode step reached the engine
+    if decode == "captured":
+        assert c.model._neverfade_last_loop.captured
+    else:
+        assert c.engine.batch.step == STEPS - 1  # every decode step reached the engine
     assert (c.engine.batch.state(c.methods[0]).weight > 1).any()
     assert not torch.equal(sparc.sequences, baseline.sequences)
 

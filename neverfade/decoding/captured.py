@@ -17,9 +17,10 @@ import torch
 
 from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
+from neverfade.errors import CannotAct
 
 
-class CaptureFailed(RuntimeError):
+class CaptureFailed(CannotAct):
     """The decode step could not be captured in a CUDA graph: an error, not a quiet slow path."""
 
 
