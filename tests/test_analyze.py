@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 import neverfade
+from neverfade import compat
 from neverfade.analysis.grid import token_grid
 from neverfade.analysis.run import analyze_setting
 from neverfade.cli import main
@@ -128,13 +129,13 @@ def _reference_forward_with_sparc(model, inputs, ids):
     prompt_len = inputs["input_ids"].shape[1]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        model(input_ids=ids[:, :prompt_len], past_key_values=cache, use_cache=True, **extra)
+        model(input_ids=ids[:, :prompt_len], use_cache=True, **compat.with_cache(extra, cache))
         for j in range(prompt_len, ids.shape[1] - 1):
-            model(input_ids=ids[:, j:j + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, j:j + 1], use_cache=True, **compat.with_cache({}, cache))
     last = ids[:, -1:] if ids.shape[1] > prompt_len else None
     if last is None:
         return model(input_ids=ids, output_attentions=True, **extra)
-    return model(input_ids=last, past_key_values=cache, use_cache=True, output_attentions=True)
+    return model(input_ids=last, use_cache=True, output_attentions=True, **compat.with_cache({}, cache))
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
