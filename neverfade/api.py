@@ -36,6 +36,15 @@ class Caption:
     image_attention: list[float] | None = None  # per new token, with record_attention: share of attention on the image
 
 
+class PromptTooLong(ValueError):
+    """Prompts that, with their image tokens and the new tokens asked for, need more positions than the model has;
+    `items`: their indices in the batch."""
+
+    def __init__(self, message: str, items: list[int]):
+        super().__init__(message)
+        self.items = items
+
+
 class Captioner:
     """A model, its processor, and the methods attached to it."""
 
@@ -108,6 +117,17 @@ class Captioner:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
+    def check_room(self, lengths: list[int], max_new_tokens: int) -> None:
+        """PromptTooLong unless each prompt (`lengths`: tokens with the image's) plus `max_new_tokens` fits the text
+        model's max_position_embeddings (where its config has one); past it, the model writes garbage."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        over = [i for i, n in enumerate(lengths) if limit and n + max_new_tokens > limit]
+        if over:
+            n = lengths[over[0]]
+            raise PromptTooLong(f"the prompt is {n} tokens with its image and {max_new_tokens} new tokens are asked "
+                                f"for: {n + max_new_tokens} positions, beyond the model's {limit} "
+                                "(max_position_embeddings)", over)
+
     @torch.no_grad()  # not inference_mode: SGRS takes gradients inside its loop
     def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
                 do_sample: bool = False, **generate_kwargs) -> list[Caption]:
@@ -118,6 +138,7 @@ class Captioner:
             raise ValueError("beam search is not supported with attention methods attached (their per-sequence "
                              "state would not follow the beams); use greedy decoding or sampling")
         inputs = self.inputs(images, prompt)
+        self.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)
         start = time.perf_counter()
         out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
         seconds = (time.perf_counter() - start) / len(images)

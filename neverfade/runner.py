@@ -7,12 +7,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from neverfade.data.images import ImageError, load_image
 from neverfade.data.items import Item
+from neverfade.results import best_records
 
 
 @dataclass
@@ -34,7 +36,8 @@ def prepare_runs(captioner, settings: list[tuple[list[str], dict | None]], promp
     for names, params in settings:
         captioner.use(names, params)
         described = captioner.describe()
-        key = json.dumps({"model": captioner.name, "methods": described, "prompt": prompt, **generate},
+        key = json.dumps({"model": captioner.name, **captioner.setup(), "methods": described, "prompt": prompt,
+                          **generate},
                          sort_keys=True)
         runs.append(Run(captioner.methods, described, hashlib.sha1(key.encode()).hexdigest()[:12]))
     return runs
@@ -42,9 +45,11 @@ def prepare_runs(captioner, settings: list[tuple[list[str], dict | None]], promp
 
 def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str, generate: dict, batch_size: int,
                   results=None, on_batch: Callable[[list[Item], dict[str, list[dict]]], None] | None = None,
-                  seed: int = 0, shard: tuple[int, int] = (0, 1)) -> set[str]:
-    """Describe every item with every run, skipping what `results` (a ResultsFile) already holds and appending to it
-    batch by batch. `on_batch(items, {item id: [record per run]})` sees each batch. Returns the ids that failed.
+                  seed: int = 0, shard: tuple[int, int] = (0, 1), retry_errors: bool = False) -> set[str]:
+    """Describe every item with every run, skipping what `results` (a ResultsFile) already holds for the item as it
+    is now (`is_for`; with `retry_errors`, only records without error) and appending to it batch by batch; a record
+    made again supersedes the old one (`item_score`). `on_batch(items, {item id: [record per run]})` sees each
+    batch. Returns the ids that failed.
 
     The items are cut into batches of `batch_size` in input order; the batches with something left to do are dealt
     to the ranks in turn, `shard = (rank, world_size)`, so each batch is the one a single process would form. Each
@@ -55,7 +60,10 @@ def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str,
     from tqdm import tqdm
 
     rank, world_size = shard
-    done = results.done if results is not None else set()
+    best = best_records(results.records, item_score(items)) if results is not None else {}
+    done = {(it.id, run.id) for it in items for run in runs
+            if (rec := best.get((it.id, run.id))) is not None and is_for(rec, it)
+            and not (retry_errors and rec.get("error") is not None)}
     batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
     left = [(k, b) for k, b in enumerate(batches) if any((it.id, run.id) not in done for it in b for run in runs)]
     mine = left[rank::world_size]
@@ -101,6 +109,33 @@ def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str,
     return failed
 
 
+def is_for(record: dict[str, Any], item: Item) -> bool:
+    """Whether `record` describes `item` as it is now: the same image path and the same prompt (the run's id covers
+    everything else that decides the output)."""
+    image = record.get("image")
+    return (record.get("prompt") == item.prompt and isinstance(image, str)
+            and os.path.abspath(image) == os.path.abspath(item.image))
+
+
+def item_score(items: list[Item]) -> Callable[[dict[str, Any]], tuple]:
+    """Which of two records of one (id, run) stands (`best_records`): one for the item as it is now over a stale
+    one, then one without error over one with, then the later one."""
+    current = {it.id: it for it in items}
+
+    def score(rec: dict[str, Any]) -> tuple:
+        item = current.get(rec.get("id"))
+        return item is not None and is_for(rec, item), rec.get("error") is None
+
+    return score
+
+
+def errors_left(records: list[dict[str, Any]], items: list[Item], runs: list[Run]) -> int:
+    """How many (item, run) pairs the standing records answer with an error."""
+    best = best_records(records, item_score(items))
+    return sum((rec := best.get((it.id, run.id))) is not None and is_for(rec, it) and rec.get("error") is not None
+               for it in items for run in runs)
+
+
 def usable_image(captioner, path: str):
     """The image as RGB, or ImageError when it cannot be read or the model's image processor refuses it (e.g.
     Qwen-VL and an aspect ratio beyond 200), so that one such image is recorded instead of failing its batch."""
@@ -118,15 +153,25 @@ def usable_image(captioner, path: str):
 
 
 def caption_fitting(captioner, images: list, prompts: list[str], generate: dict) -> list:
-    """Each image's Caption, or an error text for one that runs out of memory even alone: a batch that runs out of
-    memory is split in halves, and each half is tried again."""
+    """Each image's Caption, or an error text for one that runs out of memory even alone or whose prompt leaves no
+    room for the new tokens: a batch that runs out of memory is split in halves, and each half is tried again."""
     import torch
     from tqdm import tqdm
+
+    from neverfade.api import PromptTooLong
 
     if not images:
         return []
     try:
         return captioner.caption(images, prompts, **generate)
+    except PromptTooLong as err:
+        if len(images) == 1:
+            return [str(err)]
+        over = set(err.items)  # each alone, for its own message; the others as one batch
+        alone = {i: caption_fitting(captioner, [images[i]], [prompts[i]], generate)[0] for i in over}
+        fit = [i for i in range(len(images)) if i not in over]
+        rest = caption_fitting(captioner, [images[i] for i in fit], [prompts[i] for i in fit], generate)
+        return [{**dict(zip(fit, rest)), **alone}[i] for i in range(len(images))]
     except torch.OutOfMemoryError as err:
         message = (str(err).strip().splitlines() or ["out of memory"])[0]
     # out of the handler, so the failed batch's tensors are free to go

@@ -204,6 +204,9 @@ BAD_MANIFESTS = {
     "line that is a JSON list": ('["x.png"]\n', ':1: each line needs an "image" field'),
     "line that is not UTF-8": (b'{"id": "a", "image": "x.png"}\n{"id": "\xff\xfe"}\n', ":2: not UTF-8 text"),
     "empty manifest": ("\n\n", ": the manifest lists no images"),
+    "empty prompt": ('{"id": "a", "image": "x.png", "prompt": ""}\n', ":1: empty prompt"),
+    "prompt of white space": ('{"image": "x.png"}\n{"image": "y.png", "prompt": " \\n "}\n', ":2: empty prompt"),
+    "prompt that is not a text": ('{"image": "x.png", "prompt": 5}\n', ':1: "prompt" must be a text, got 5'),
 }
 
 
@@ -224,6 +227,254 @@ def manifest_cases(root: Path, capsys) -> list[Row]:
     rows.append(Row("input is a dangling link", "status 2, one line: no such file or folder",
                     f"status {status}, {len(lines)} line(s): {' / '.join(lines)}",
                     status == 2 and len(lines) == 1 and "no such file or folder" in lines[0]))
+    return rows
+
+
+# --- what --out names, and the run's options: exit status 2, one line, before the model loads; files untouched ---
+
+def refused(capsys, case: str, args: list[str], *messages: str, untouched: Path | None = None) -> Row:
+    """Run `caption *args`: expect status 2 and one line holding each of `messages` (a "loaded ..." progress line
+    aside, for checks that need the model), with `untouched`'s bytes as they were."""
+    before = untouched.read_bytes() if untouched is not None else None
+    capsys.readouterr()
+    status = main(["caption", *args] + ([] if "--max-new-tokens" in args else ["--max-new-tokens", TOKENS]))
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loaded ")]
+    kept = untouched is None or untouched.read_bytes() == before
+    return Row(case, f"status 2, one line: ...{'...'.join(messages)}...{'; file untouched' if untouched else ''}",
+               f"status {status}, {len(lines)} line(s): {' / '.join(lines)}{'' if kept else '; THE FILE CHANGED'}",
+               status == 2 and len(lines) == 1 and all(m in lines[0] for m in messages) and kept)
+
+
+def out_cases(tiny_models, root: Path, capsys) -> list[Row]:
+    folder = root / "out-cases"
+    folder.mkdir()
+    make_images()[0].save(folder / "a.png")
+    manifest = write_jsonl(folder / "in.jsonl", [{"id": "a", "image": "a.png"}])
+    args = [str(manifest), "--model", tiny_models["llava"], "--out"]
+    not_results = {
+        "one-line text file without a newline": ("notes.txt", b"my notes", ":1: not a neverfade results record"),
+        "a bare JSON number": ("five.jsonl", b"5\n", ":1: not a neverfade results record"),
+        "a JSON object without a newline (a config)": ("config.json", b'{"model": "x"}',
+                                                       ":1: not a neverfade results record"),
+        "a manifest (records without \"run\")": ("other.jsonl", b'{"id": "b", "image": "b.png"}\n',
+                                                  ":1: not a neverfade results record"),
+        "results, then a line of text": ("mixed.jsonl", b'{"id": "a", "run": "r"}\nsome text\n',
+                                         ":2: not a neverfade results record"),
+    }
+    rows = []
+    for case, (name, data, message) in not_results.items():
+        (folder / name).write_bytes(data)
+        rows.append(refused(capsys, f"--out {case}", args + [str(folder / name)], f"{folder / name}{message}",
+                            untouched=folder / name))
+    rows.append(refused(capsys, "--out is the input manifest", args + [str(manifest)],
+                        f"--out {manifest} is the input", untouched=manifest))
+    rows.append(refused(capsys, "--out is a folder", args + [str(folder)], f"--out {folder} is a folder"))
+    rows.append(refused(capsys, "--out under a regular file", args + [str(folder / "notes.txt" / "out.jsonl")],
+                        f"cannot write --out {folder / 'notes.txt' / 'out.jsonl'}: {folder / 'notes.txt'} is not a "
+                        "folder", untouched=folder / "notes.txt"))
+    rows.append(refused(capsys, "--out where nothing may be written (/sys)", args + ["/sys/neverfade-out.jsonl"],
+                        "cannot write --out /sys/neverfade-out.jsonl: "))
+    return rows
+
+
+def option_cases(tiny_models, root: Path, capsys, monkeypatch) -> list[Row]:
+    make_images()[0].save(root / "opt.png")
+    args = [str(root / "opt.png"), "--model", tiny_models["llava"]]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+        rows = [refused(capsys, "--device cuda without CUDA", args + ["--device", "cuda"],
+                        "--device cuda: this machine has no cuda device")]
+    rows.append(refused(capsys, "--device tpu", args + ["--device", "tpu"], "--device tpu: not a device torch knows"))
+    for n in ("0", "-3"):
+        rows.append(refused(capsys, f"--samples {n}", ["--samples", n, "--model", tiny_models["llava"]],
+                            "--samples must be between 1 and ", f", got {n}"))
+    rows.append(refused(capsys, "--naive-alpha inf", args + ["--method", "naive", "--naive-alpha", "inf"],
+                        "alpha must be a finite number, got inf"))
+    rows.append(refused(capsys, "--sparc-tau nan", args + ["--method", "sparc", "--sparc-tau", "nan"],
+                        "tau must be a finite number, got nan"))
+    rows.append(refused(capsys, "--prompt of white space", args + ["--prompt", "  "], "--prompt is empty"))
+    # the tiny models take 4096 positions; this tokenizer makes several tokens of each word
+    rows.append(refused(capsys, "--prompt longer than the model's positions", args + ["--prompt", "tell me " * 2000],
+                        f"and {TOKENS} new tokens are asked for: ",
+                        "beyond the model's 4096 (max_position_embeddings)"))
+    rows.append(refused(capsys, "--max-new-tokens beyond the model's positions", args + ["--max-new-tokens", "5000"],
+                        "and 5000 new tokens are asked for: ", "beyond the model's 4096 (max_position_embeddings)"))
+    return rows
+
+
+# --- reruns: one record per (id, run), for the item as it is now; errors left make status 1 ---------------------
+
+def run_caption(capsys, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    status = caption(*args)
+    return status, capsys.readouterr().err
+
+
+def rerun_cases(tiny_models, root: Path, capsys, monkeypatch) -> list[Row]:
+    """A manifest whose third image is missing, run and rerun: the error stays one record, --retry-errors replaces
+    it, a changed prompt or image is described again in place of the old record; each record's caption is compared
+    with a fresh run's."""
+    from neverfade.api import Captioner
+
+    folder = root / "rerun"
+    folder.mkdir()
+    for i in range(3):
+        make_images()[i].save(folder / f"img{i}.png")
+    lines = [{"id": "a", "image": "img0.png"}, {"id": "b", "image": "img1.png", "prompt": "What is it?"},
+             {"id": "c", "image": "img2-missing.png"}]
+    manifest = write_jsonl(folder / "in.jsonl", lines)
+    out = folder / "out.jsonl"
+    args = [str(manifest), "--model", tiny_models["llava"], "--out", str(out)]
+    real, described = Captioner.caption, []
+    with monkeypatch.context() as patch:
+        patch.setattr(Captioner, "caption", lambda self, images, *a, **kw: (described.extend(images),
+                                                                           real(self, images, *a, **kw))[1])
+
+        def state() -> tuple[dict, int]:
+            records = read_records(out)
+            keys = [(r["id"], r["run"]) for r in records]
+            return {r["id"]: r for r in records}, len(keys) - len(set(keys))
+
+        def fresh(name: str) -> dict:
+            """The records of a run of the manifest as it is now into a new file."""
+            assert caption(str(manifest), "--model", tiny_models["llava"], "--out", str(folder / name)) in (0, 1)
+            return {r["id"]: r for r in read_records(folder / name)}
+
+        rows = []
+        caption(*args)
+        status, err = run_caption(capsys, *args)
+        records, repeats = state()
+        rows.append(Row("rerun with an error left, nothing new to do", "status 1; stderr: holding an error: 1; "
+                        "--retry-errors ...; 3 records", f"status {status}; {err.strip().splitlines()[-1]!r}; "
+                        f"{len(records)} records, {repeats} repeated", status == 1 and "holding an error: 1; "
+                        "--retry-errors tries them again" in err and len(records) == 3 and not repeats))
+        status, _ = run_caption(capsys, *args, "--retry-errors")
+        records, repeats = state()
+        rows.append(Row("--retry-errors, the image still missing", "status 1, 3 records, none repeated, c: no such "
+                        "image", f"status {status}, {len(records)} records, {repeats} repeated, c: "
+                        f"{records.get('c', {}).get('error')!r}", status == 1 and len(records) == 3 and not repeats
+                        and "no such image" in (records.get("c", {}).get("error") or "")))
+        make_images()[2].save(folder / "img2-missing.png")
+        described.clear()
+        status, _ = run_caption(capsys, *args, "--retry-errors")
+        records, repeats, n = *state(), len(described)
+        expected = fresh("fresh-1.jsonl")
+        rows.append(Row("--retry-errors, the image back", "status 0, 3 records, none repeated, c captioned as a fresh "
+                        "run does; 1 image described", f"status {status}, {len(records)} records, {repeats} "
+                        "repeated, c: "
+                        f"{records.get('c', {}).get('caption')!r}; {n} described", status == 0
+                        and len(records) == 3 and not repeats and records["c"]["error"] is None
+                        and records["c"]["caption"] == expected["c"]["caption"] and n == 1))
+
+        lines[0]["prompt"], lines[1]["image"] = "Name the colours.", "img0.png"  # a new prompt; b another image
+        write_jsonl(manifest, lines)
+        described.clear()
+        status, _ = run_caption(capsys, *args)
+        records, repeats, n = *state(), len(described)
+        expected = fresh("fresh-2.jsonl")
+        same = all(records[i]["caption"] == expected[i]["caption"] and records[i]["prompt"] == expected[i]["prompt"]
+                   and records[i]["image"] == expected[i]["image"] for i in "abc")
+        rows.append(Row("the manifest changed a prompt and an image", "status 0, 3 records, none repeated, a and b "
+                        "described again (2), each as a fresh run does", f"status {status}, {len(records)} records, "
+                        f"{repeats} repeated, {n} described, {'as' if same else 'NOT as'} a fresh run",
+                        status == 0 and len(records) == 3 and not repeats and n == 2 and same))
+
+        # a run killed after appending a retried record, before it replaced the old one: both are in the file
+        old_c = {**records["c"], "caption": None, "new_tokens": 0, "error": "no such image: (an earlier run)"}
+        with open(out, "a") as f:
+            f.write(json.dumps(old_c) + "\n")  # a later line than the good one: the error must still not stand
+        described.clear()
+        status, _ = run_caption(capsys, *args)
+        records, repeats = state()
+        rows.append(Row("a file left with an old and a new record of one item", "status 0, 3 records, none repeated, "
+                        "c captioned, nothing described", f"status {status}, {len(records)} records, {repeats} "
+                        f"repeated, c: {records['c']['caption']!r}, {len(described)} described", status == 0
+                        and len(records) == 3 and not repeats and records["c"]["error"] is None and not described))
+        return rows
+
+
+def long_item_prompt_case(tiny_models, root: Path) -> list[Row]:
+    """A manifest prompt beyond the model's 4096 positions: that item's error record; its batch neighbour
+    captioned as it is alone."""
+    folder = root / "long"
+    folder.mkdir()
+    make_images()[0].save(folder / "a.png")
+    make_images()[1].save(folder / "b.png")
+    manifest = write_jsonl(folder / "in.jsonl", [{"id": "long", "image": "a.png", "prompt": "tell me " * 2000},
+                                                 {"id": "fine", "image": "b.png"}])
+    args = ["--model", tiny_models["llava"], "--batch-size", "2"]
+    status = caption(str(manifest), *args, "--out", str(folder / "out.jsonl"))
+    records = {r["id"]: r for r in read_records(folder / "out.jsonl")}
+    caption(str(folder / "b.png"), *args, "--out", str(folder / "alone.jsonl"))
+    alone = read_records(folder / "alone.jsonl")[0]["caption"]
+    error = records.get("long", {}).get("error") or ""
+    return [Row("manifest prompt beyond the model's positions", "error record: the prompt is N tokens with its "
+                f"image and {TOKENS} new tokens ... beyond the model's 4096; neighbour as alone; status 1",
+                f"{error!r}; {records.get('fine', {}).get('caption')!r} vs {alone!r}; status {status}",
+                status == 1 and "the prompt is " in error and f"and {TOKENS} new tokens are asked for" in error
+                and "beyond the model's 4096" in error and records.get("fine", {}).get("caption") == alone)]
+
+
+def concurrent_run_case(tiny_models, root: Path, capsys) -> list[Row]:
+    """Another process holds an flock on --out, as a run does while it lasts: this run refuses at once, naming it."""
+    import subprocess
+    import sys
+
+    make_images()[0].save(root / "busy.png")
+    out = root / "busy.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'ab'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        row = refused(capsys, "a second run on the same --out", [str(root / "busy.png"), "--model",
+                      tiny_models["llava"], "--out", str(out)],
+                      f"{out} is being written by another neverfade run (pid {holder.pid})", untouched=out)
+    finally:
+        holder.communicate("", timeout=30)
+    return [row]
+
+
+def non_finite_case(root: Path) -> list[Row]:
+    from neverfade.results import ResultsFile
+
+    with ResultsFile(root / "finite.jsonl") as results:
+        results.append([{"id": "a", "run": "r", "caption": "fine"}])
+        try:
+            results.append([{"id": "b", "run": "r", "score": float("inf")}])
+            got = "written"
+        except ValueError as err:
+            got = f"ValueError: {err}"
+    text = (root / "finite.jsonl").read_text()
+    return [Row("a record holding inf", "refused (ValueError), the file holds the one finite record",
+                f"{got}; file: {text.strip()}", got.startswith("ValueError") and text.count("\n") == 1
+                and "Infinity" not in text)]
+
+
+def demo_loader_cases(root: Path) -> list[Row]:
+    """The demo reads an upload with the command line's loader: a 16-bit PNG keeps its tones, a phone photo turns
+    upright as its EXIF orientation says."""
+    from neverfade.demo.server import DemoApp
+
+    app = DemoApp(captioner=None)
+    grey = np.arange(0, 64 * 32, dtype=np.uint16).reshape(32, 64) * 30  # 0 .. 61410
+    Image.fromarray(grey).save(root / "deep.png")
+    seen = np.array(app.uploaded((root / "deep.png").read_bytes()))
+    rows = [Row("demo: 16-bit greyscale PNG", "the tones scaled to 8 bits (v / 257), as the command line sees them",
+                f"mean {seen.mean():.1f} vs {(grey / 257).mean():.1f}; max difference to the command line "
+                f"{np.abs(seen.astype(int) - np.array(load_image(root / 'deep.png'))).max()}",
+                np.abs(seen[..., 0] - np.round(grey / 257)).max() <= 1
+                and np.array_equal(seen, np.array(load_image(root / "deep.png"))))]
+    pixels = Image.new("RGB", (60, 20), (200, 10, 10))
+    pixels.paste((10, 10, 200), (0, 0, 10, 20))  # a blue band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": the stored left edge is the top
+    pixels.save(root / "phone.jpg", exif=exif, quality=95)
+    upright = app.uploaded((root / "phone.jpg").read_bytes())
+    top = upright.getpixel((10, 2))
+    rows.append(Row("demo: JPEG with EXIF orientation 6", "20 x 60, blue at the top",
+                    f"{upright.size[0]} x {upright.size[1]}, top pixel {top}",
+                    upright.size == (20, 60) and top[2] > 150 and top[0] < 80))
     return rows
 
 
@@ -326,14 +577,18 @@ def judge_cases(root: Path, capsys) -> list[Row]:
 
 # --- the table ----------------------------------------------------------------------------------------------------
 
-N_CASES = 46  # rows of the table below; the test checks the count, so the test name states it
+N_CASES = 77  # rows of the table below; the test checks the count, so the test name states it
 
 
 @pytest.mark.parametrize("cases", [N_CASES], ids=[f"{N_CASES} cases"])
 def test_fault_table(tiny_models, tmp_path, capsys, monkeypatch, cases):
     rows = (image_cases(tiny_models, tmp_path) + folder_cases(tiny_models, tmp_path)
             + processor_refusal_case(tiny_models, tmp_path) + manifest_cases(tmp_path, capsys)
-            + oom_cases(tiny_models, tmp_path, monkeypatch) + judge_cases(tmp_path, capsys))
+            + out_cases(tiny_models, tmp_path, capsys) + option_cases(tiny_models, tmp_path, capsys, monkeypatch)
+            + rerun_cases(tiny_models, tmp_path, capsys, monkeypatch) + long_item_prompt_case(tiny_models, tmp_path)
+            + concurrent_run_case(tiny_models, tmp_path, capsys) + non_finite_case(tmp_path)
+            + demo_loader_cases(tmp_path) + oom_cases(tiny_models, tmp_path, monkeypatch)
+            + judge_cases(tmp_path, capsys))
     table = "\n".join(f"{'ok ' if r.ok else 'BAD'} | {r.case} | expected: {r.expected} | got: {r.got}" for r in rows)
     with capsys.disabled():
         print(f"\nfault table, {len(rows)} cases:\n{table}")

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.samples is None):
         raise UserError("give either INPUT or --samples N")
     try:
-        items = sample_scene_items(args.samples) if args.samples else read_items(args.input)
+        items = sample_scene_items(args.samples) if args.samples is not None else read_items(args.input)
         for item in items:
             load_image(item.image)
         names, params = method_choice(args)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from neverfade import distributed
 from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
 from neverfade.distributed import Ranks
-from neverfade.results import ResultsFile, merge_parts, part_files, part_path
-from neverfade.runner import caption_items, input_order, prepare_runs
+from neverfade.results import Locked, ResultsFile, lock, merge_parts, part_files, part_path, read_records
+from neverfade.runner import caption_items, errors_left, input_order, item_score, prepare_runs
 
 EXIT_SOME_FAILED = 1
 
@@ -21,13 +22,15 @@ def add_parser(subparsers) -> None:
                     "a rerun with the same --out skips what is already there. Under torchrun "
                     "(torchrun --nproc-per-node N -m neverfade caption ...) each rank describes its share of the "
                     "batches. Exit status: 0 all described, 1 some images could not be read or described "
-                    "(recorded as errors), 2 bad input.")
+                    "(their records in --out hold the error, until --retry-errors describes them), 2 bad input.")
     p.add_argument("input", nargs="?", help="an image file, a folder of images, or a JSONL manifest "
                                             "(one {\"image\": path, \"id\"?: ..., \"prompt\"?: ...} per line)")
     p.add_argument("--samples", type=int, metavar="N",
                    help="describe N held-out synthetic scenes instead of INPUT; mentioned objects are marked "
                         "[word ✓] when the scene has them and [word ✗] when it does not")
-    p.add_argument("--out", help="results JSONL (appended to; resumable). Without it captions are only printed. "
+    p.add_argument("--out", help="results JSONL: a new file or one written by neverfade (appended to; resumable; "
+                                 "an item whose image or prompt changed is described again). Without it captions "
+                                 "are only printed. "
                                  "Under torchrun each rank appends to OUT.parts/rank-R-of-W.jsonl, and rank 0 "
                                  "merges the parts into OUT when all are done.")
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
@@ -42,7 +45,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--retry-errors", action="store_true", help="try again images recorded with an error")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="try again images recorded with an error; the new record replaces the old one")
     p.add_argument("--show", action="store_true", help="print captions even when writing --out")
     add_model_options(p)
     add_method_options(p)
@@ -51,6 +55,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from neverfade.cli import UserError
+    from neverfade.commands.options import check_device
     from neverfade.data.images import ImageError, InputError, load_image, read_items
     from neverfade.data.samples import sample_scene_items
     from neverfade.methods import ParameterError, build_methods
@@ -62,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--min-new-tokens must be between 0 and --max-new-tokens")
     if (args.input is None) == (args.samples is None):
         raise UserError("give either INPUT or --samples N")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty")
     try:
-        items = sample_scene_items(args.samples) if args.samples else read_items(args.input)
+        items = sample_scene_items(args.samples) if args.samples is not None else read_items(args.input)
         if args.input and len(items) == 1 and not args.input.endswith((".jsonl", ".json")):
             load_image(items[0].image)  # a single bad image is bad input, not a record
         names, params = method_choice(args)
@@ -75,15 +82,24 @@ def run(args: argparse.Namespace) -> int:
     if ranks.parallel and not args.out:
         raise UserError("--out is needed when several processes describe the images (torchrun)")
     args.device = ranks.device(args.device)
-    distributed.start(ranks, args.device)
+    check_device(args.device)
+    results, owner = _open_results(args, ranks) if args.out else (None, None)  # before the model loads
     try:
-        return _describe(args, ranks, items, names, params)
+        distributed.start(ranks, args.device)
+        try:
+            return _describe(args, ranks, items, names, params, results)
+        finally:
+            distributed.stop(ranks)
     finally:
-        distributed.stop(ranks)
+        for held in (results, owner):
+            if held is not None:
+                held.close()
 
 
-def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params) -> int:
-    from neverfade.api import DEFAULT_PROMPT
+def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, results) -> int:
+    from PIL import Image
+
+    from neverfade.api import DEFAULT_PROMPT, PromptTooLong
     from neverfade.cli import UserError
     from neverfade.methods import ParameterError
 
@@ -99,39 +115,61 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params) -> i
         runs = prepare_runs(captioner, settings, prompt, generate)
     except ParameterError as err:
         raise UserError(str(err)) from None
+    try:  # the prompt with the fewest image tokens (a tiny image's); an item's own prompt is checked with its image
+        captioner.check_room(captioner.inputs([Image.new("RGB", (32, 32))], prompt)["attention_mask"].sum(1).tolist(),
+                             args.max_new_tokens)
+    except PromptTooLong as err:
+        raise UserError(f"{'--prompt' if args.prompt else 'the default prompt'}: {err}") from None
 
-    results = _open_results(args, ranks) if args.out else None
     distributed.barrier(ranks)  # every rank knows what is done before any rank appends
     show = _print_batch if args.show or not args.out else None
     before = len(results.records) if results else 0
     failed = caption_items(captioner, items, runs, prompt=prompt, generate=generate, batch_size=args.batch_size,
-                           results=results, on_batch=show, seed=args.seed, shard=(ranks.rank, ranks.world_size))
+                           results=results, on_batch=show, seed=args.seed, shard=(ranks.rank, ranks.world_size),
+                           retry_errors=args.retry_errors)
     new = len(results.records) - before if results else 0
     distributed.barrier(ranks)  # every part is complete
-    total = merge_parts(args.out, input_order(items, runs, args.batch_size)) if args.out and ranks.rank == 0 else 0
-    new, failed_count, total = distributed.sum_over_ranks(ranks, new, len(failed), total)
+    total = left = 0
+    if args.out and ranks.rank == 0:  # one record per (id, run): the parts folded in, records made again settled
+        total = merge_parts(args.out, input_order(items, runs, args.batch_size), item_score(items))
+        left = errors_left(read_records(args.out), items, runs)
+    new, failed_count, total, left = distributed.sum_over_ranks(ranks, new, len(failed), total, left)
     if ranks.rank == 0:
         if ranks.parallel:
             print(f"{ranks.world_size} ranks described {new} new; {total} records in {args.out}", file=sys.stderr)
         if failed_count:
             print(f"{failed_count} images could not be read or described; their records hold the error",
                   file=sys.stderr)
-    return EXIT_SOME_FAILED if failed_count else 0
+        if left:
+            print(f"records in {args.out} holding an error: {left}; --retry-errors tries them again", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed_count or left else 0
 
 
-def _open_results(args: argparse.Namespace, ranks: Ranks):
-    """This rank's results: appended to --out by a single process, to its part file by a rank of several; what is
-    done is read from --out and every part file present, of any earlier world size."""
+def _open_results(args: argparse.Namespace, ranks: Ranks) -> tuple[ResultsFile, object]:
+    """This rank's results, locked while the run lasts: appended to --out by a single process, to its part file by a
+    rank of several, whose rank 0 also holds --out's lock (the other handle returned); what is done is read from
+    --out and every part file present, of any earlier world size. --out must be a new file or a results file."""
     from neverfade.cli import UserError
 
-    own = part_path(args.out, ranks.rank, ranks.world_size) if ranks.parallel else args.out
+    out = Path(args.out)
+    if args.input is not None and Path(args.input).exists() and out.exists() and out.samefile(args.input):
+        raise UserError(f"--out {out} is the input; write the results to another file")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise UserError(f"cannot write --out {out}: {folder} is not a folder")
+    owner = None
     try:
-        results = ResultsFile(own, also=[args.out, *part_files(args.out)])
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if args.retry_errors:
-        results.done = {(r["id"], r["run"]) for r in results.records if r.get("error") is None}
-    return results
+        if ranks.parallel and ranks.rank == 0:  # no other run may write --out while the parts are made and merged
+            owner = lock(out)
+        own = part_path(out, ranks.rank, ranks.world_size) if ranks.parallel else out
+        return ResultsFile(own, also=[out, *part_files(out)]), owner
+    except (ValueError, OSError) as err:
+        if owner is not None:
+            owner.close()
+        raise UserError(str(err) if isinstance(err, (ValueError, Locked))
+                        else f"cannot write --out {out}: {err.strerror or err}") from None
 
 
 def _print_batch(items, records) -> None:

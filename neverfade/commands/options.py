@@ -19,6 +19,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
+    group.add_argument("--paper", action="store_true",
+                       help="run as the SPARC authors did for the model's family: LLaVA-1.5 and LLaVA-NeXT in float16 "
+                            "with LLaVA's vicuna_v1 system prompt and conversation (LLaVA-1.5's images padded to a "
+                            "square), Qwen2-VL with the paper's prompt; refused for families they did not run")
+    group.add_argument("--decode", default="auto", choices=["auto", "captured", "static", "eager"],
+                       help="decode path: auto (a static cache with each step replayed from a CUDA graph where the "
+                            "methods allow, on CUDA), eager (generate's own loop), static (the captured loop run "
+                            "eagerly)")
 
 
 def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
@@ -55,16 +63,40 @@ def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str,
     from neverfade.methods import ParameterError
     from neverfade.models.families import UnsupportedModel
 
+    check_device(args.device)
     quiet_transformers()
     started = time.perf_counter()
     try:
-        captioner = load(args.model, names, params, device=args.device, dtype=args.dtype)
+        captioner = load(args.model, names, params, device=args.device, dtype=args.dtype, paper=args.paper)
+        captioner.decode = args.decode
     except (ParameterError, UnsupportedModel, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     except OSError as err:
         raise UserError(f"cannot load model {args.model!r}: {str(err).splitlines()[0]}") from None
     print(f"loaded {captioner.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return captioner
+
+
+def check_device(device: str | None) -> None:
+    """UserError unless `device` (None: the default) is a device torch knows and this machine has."""
+    import torch
+
+    from neverfade.cli import UserError
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:N, mps, xpu, ...)") from None
+    if kind.type == "cpu":
+        return
+    backend = torch.backends.mps if kind.type == "mps" else getattr(torch, kind.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UserError(f"--device {device}: this machine has no {kind.type} device that torch can use")
+    count = getattr(getattr(torch, kind.type, None), "device_count", lambda: 1)()
+    if kind.index is not None and kind.index >= count:
+        raise UserError(f"--device {device}: this machine has {count} {kind.type} device(s), numbered from 0")
 
 
 def quiet_transformers() -> None:

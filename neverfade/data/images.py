@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -19,6 +20,10 @@ class InputError(ValueError):
 
 class ImageError(ValueError):
     """One image cannot be read; recorded for that image while the others proceed."""
+
+
+class ImageTooLarge(ImageError):
+    """The image has more pixels than is safe to decode."""
 
 
 def read_items(source: str | Path) -> list[Item]:
@@ -58,23 +63,29 @@ def read_manifest(path: Path) -> list[Item]:
             raise InputError(f"{path}:{number}: duplicate id {item_id!r}")
         seen.add(item_id)
         prompt = record.pop("prompt", None)
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError(f"{path}:{number}: \"prompt\" must be a text, got {json.dumps(prompt)}")
+        if prompt is not None and not prompt.strip():
+            raise InputError(f"{path}:{number}: empty prompt")
         items.append(Item(id=item_id, image=str((path.parent / image)), prompt=prompt, meta=record))
     if not items:
         raise InputError(f"{path}: the manifest lists no images")
     return items
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """The image as RGB, or ImageError saying why not. Images beyond PIL's decompression-bomb limit
-    (Image.MAX_IMAGE_PIXELS, twice over) are refused."""
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """The image (a path, or an image file's bytes) as RGB, or ImageError saying why not. Images beyond PIL's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, twice over) are refused (ImageTooLarge). The one loader of the
+    command line and the demo."""
+    path = "the uploaded file" if isinstance(source, bytes) else source
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))  # upright, as a photo viewer shows it
     except FileNotFoundError:
         raise ImageError(f"no such image: {path}") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"image too large {path}: {err}") from None
+        raise ImageTooLarge(f"image too large {path}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
 

@@ -91,13 +91,13 @@ class DemoApp:
     def uploaded(self, body: bytes) -> Image.Image:
         if not body:
             raise RequestError(400, "no image: upload an image file or pick a sample")
+        from neverfade.data.images import ImageError, ImageTooLarge, load_image
+
         try:
-            with Image.open(io.BytesIO(body)) as image:
-                image.load()
-                return image.convert("RGB")
-        except Image.DecompressionBombError:
+            return load_image(body)  # the command line's loader: EXIF orientation, 16-bit, transparency
+        except ImageTooLarge:
             raise RequestError(413, "the image has too many pixels to read safely") from None
-        except Exception:
+        except ImageError:
             raise RequestError(415, "the file is not an image (PNG, JPEG, GIF, BMP or WebP expected)") from None
 
 

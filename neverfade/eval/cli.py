@@ -202,21 +202,22 @@ def run_pope_answer(args) -> int:
         if getattr(args, name) < 1:
             raise _user_error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     questions = pope.read_questions(args.questions)
-    try:
-        answers = ResultsFile(args.out)  # appended to, fsynced per record; a torn last line is cut
-    except ValueError as err:
+    try:  # appended to, fsynced per record; a torn last line is cut; locked while this runs
+        answers = ResultsFile(args.out, keys=("question_id",))
+    except (ValueError, OSError) as err:
         raise _user_error(str(err)) from None
-    done = {r.get("question_id") for r in answers.records}
-    todo = [q for q in questions if q["question_id"] not in done]
-    print(f"{len(questions) - len(todo)} of {len(questions)} questions already answered in {args.out}")
-    if not todo:
-        return 0
-    captioner = load_captioner(args, *method_choice(args))
-    described = {"model": captioner.name, "methods": captioner.describe()}
-    for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                              caption_tokens=args.caption_tokens):
-        answers.append([{**record, **described}])
+    with answers:
+        done = {r.get("question_id") for r in answers.records}
+        todo = [q for q in questions if q["question_id"] not in done]
+        print(f"{len(questions) - len(todo)} of {len(questions)} questions already answered in {args.out}")
+        if not todo:
+            return 0
+        captioner = load_captioner(args, *method_choice(args))
+        described = {"model": captioner.name, "methods": captioner.describe()}
+        for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  caption_tokens=args.caption_tokens):
+            answers.append([{**record, **described}])
     return 0
 
 

@@ -72,9 +72,13 @@ def run(args: argparse.Namespace) -> int:
     except ParameterError as err:
         raise UserError(str(err)) from None
     captions_path = args.captions or str(Path(args.out).with_suffix("")) + ".captions.jsonl"
-    results = ResultsFile(captions_path)
-    caption_items(captioner, items, runs, prompt=DEFAULT_PROMPT, generate=generate, batch_size=args.batch_size,
-                  results=results)
+    try:
+        results = ResultsFile(captions_path)
+    except (ValueError, OSError) as err:
+        raise UserError(f"--captions {captions_path}: {err}") from None
+    with results:
+        caption_items(captioner, items, runs, prompt=DEFAULT_PROMPT, generate=generate, batch_size=args.batch_size,
+                      results=results)
     report = evaluate(results.records, items, runs, specs, n_boot=args.bootstrap)
     report["model"], report["captions"] = captioner.name, captions_path
     write_json(args.out, report)

@@ -53,6 +53,8 @@ class Param:
             value = self.type(value)
         except (TypeError, ValueError):
             raise ParameterError(f"{self.name} must be a {self.type.__name__}, got {value!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):  # nan, inf: a record could not say it in JSON
+            raise ParameterError(f"{self.name} must be a finite number, got {value}")
         if self.minimum is not None and value < self.minimum:
             raise ParameterError(f"{self.name} must be >= {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
