@@ -435,6 +435,30 @@ def concurrent_run_case(tiny_models, root: Path, capsys) -> list[Row]:
     return [row]
 
 
+def torchrun_lock_cases(tiny_models, root: Path, capsys, monkeypatch) -> list[Row]:
+    """Under torchrun each rank locks the part file it writes, and rank 0 --out too: a rank whose file another run
+    holds refuses before it joins the process group (and before it cuts anything from the file)."""
+    import os
+
+    from neverfade.results import lock, part_path
+
+    make_images()[0].save(root / "ranked.png")
+    out = root / "ranked.jsonl"
+    args = [str(root / "ranked.png"), "--model", tiny_models["llava"], "--out", str(out)]
+    rows = []
+    for rank, held in ((1, part_path(out, 1, 2)), (0, out)):
+        held.parent.mkdir(exist_ok=True)
+        held.write_bytes(b'{"id": "x", "run": "r"}\n{"id": "y", "ru')  # a torn tail only the holder may cut
+        with monkeypatch.context() as patch, lock(held):
+            for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2)):
+                patch.setenv(name, str(value))
+            patch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: pytest.fail("joined the group"))
+            rows.append(refused(capsys, f"under torchrun: rank {rank} while another run holds {held.name}", args,
+                                f"{held} is being written by another neverfade run (pid {os.getpid()})",
+                                untouched=held))
+    return rows
+
+
 def non_finite_case(root: Path) -> list[Row]:
     from neverfade.results import ResultsFile
 
@@ -577,7 +601,7 @@ def judge_cases(root: Path, capsys) -> list[Row]:
 
 # --- the table ----------------------------------------------------------------------------------------------------
 
-N_CASES = 77  # rows of the table below; the test checks the count, so the test name states it
+N_CASES = 79  # rows of the table below; the test checks the count, so the test name states it
 
 
 @pytest.mark.parametrize("cases", [N_CASES], ids=[f"{N_CASES} cases"])
@@ -586,7 +610,8 @@ def test_fault_table(tiny_models, tmp_path, capsys, monkeypatch, cases):
             + processor_refusal_case(tiny_models, tmp_path) + manifest_cases(tmp_path, capsys)
             + out_cases(tiny_models, tmp_path, capsys) + option_cases(tiny_models, tmp_path, capsys, monkeypatch)
             + rerun_cases(tiny_models, tmp_path, capsys, monkeypatch) + long_item_prompt_case(tiny_models, tmp_path)
-            + concurrent_run_case(tiny_models, tmp_path, capsys) + non_finite_case(tmp_path)
+            + concurrent_run_case(tiny_models, tmp_path, capsys)
+            + torchrun_lock_cases(tiny_models, tmp_path, capsys, monkeypatch) + non_finite_case(tmp_path)
             + demo_loader_cases(tmp_path) + oom_cases(tiny_models, tmp_path, monkeypatch)
             + judge_cases(tmp_path, capsys))
     table = "\n".join(f"{'ok ' if r.ok else 'BAD'} | {r.case} | expected: {r.expected} | got: {r.got}" for r in rows)
