@@ -475,6 +475,33 @@ def non_finite_case(root: Path) -> list[Row]:
                 and "Infinity" not in text)]
 
 
+def demo_prompt_cases(tiny_models, capsys, monkeypatch) -> list[Row]:
+    """The demo refuses a --prompt beyond the model's positions before it serves; a request whose image takes the
+    prompt past them gets that pane's error, not garbage."""
+    import neverfade
+    from neverfade.demo import server
+    from neverfade.demo.stream import caption_events
+
+    long = "tell me " * 2000
+    with monkeypatch.context() as patch:
+        patch.setattr(server, "make_server", lambda *a, **kw: pytest.fail("the demo served"))
+        capsys.readouterr()
+        status = main(["demo", "--model", tiny_models["llava"], "--prompt", long, "--max-new-tokens", TOKENS])
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loaded ")]
+    rows = [Row("demo --prompt beyond the model's positions", "status 2, one line: ...--prompt: the prompt is ... "
+                "beyond the model's 4096", f"status {status}, {len(lines)} line(s): {' / '.join(lines)}",
+                status == 2 and len(lines) == 1 and "--prompt: the prompt is " in lines[0]
+                and "beyond the model's 4096 (max_position_embeddings)" in lines[0])]
+    captioner = neverfade.load(tiny_models["llava"], device="cpu")
+    events = list(caption_events(captioner, make_images()[0], None, [("baseline", [], {})], long, int(TOKENS)))
+    errors = [e["message"] for e in events if e["event"] == "error"]
+    rows.append(Row("demo request past the model's positions", "the pane's error: PromptTooLong: ... beyond the "
+                    "model's 4096; no caption", f"errors {errors}; {sum(e['event'] == 'done' for e in events)} done",
+                    len(errors) == 1 and errors[0].startswith("PromptTooLong: the prompt is ")
+                    and "beyond the model's 4096" in errors[0] and not any(e["event"] == "done" for e in events)))
+    return rows
+
+
 def demo_loader_cases(root: Path) -> list[Row]:
     """The demo reads an upload with the command line's loader: a 16-bit PNG keeps its tones, a phone photo turns
     upright as its EXIF orientation says."""
@@ -601,7 +628,7 @@ def judge_cases(root: Path, capsys) -> list[Row]:
 
 # --- the table ----------------------------------------------------------------------------------------------------
 
-N_CASES = 79  # rows of the table below; the test checks the count, so the test name states it
+N_CASES = 81  # rows of the table below; the test checks the count, so the test name states it
 
 
 @pytest.mark.parametrize("cases", [N_CASES], ids=[f"{N_CASES} cases"])
@@ -612,8 +639,8 @@ def test_fault_table(tiny_models, tmp_path, capsys, monkeypatch, cases):
             + rerun_cases(tiny_models, tmp_path, capsys, monkeypatch) + long_item_prompt_case(tiny_models, tmp_path)
             + concurrent_run_case(tiny_models, tmp_path, capsys)
             + torchrun_lock_cases(tiny_models, tmp_path, capsys, monkeypatch) + non_finite_case(tmp_path)
-            + demo_loader_cases(tmp_path) + oom_cases(tiny_models, tmp_path, monkeypatch)
-            + judge_cases(tmp_path, capsys))
+            + demo_loader_cases(tmp_path) + demo_prompt_cases(tiny_models, capsys, monkeypatch)
+            + oom_cases(tiny_models, tmp_path, monkeypatch) + judge_cases(tmp_path, capsys))
     table = "\n".join(f"{'ok ' if r.ok else 'BAD'} | {r.case} | expected: {r.expected} | got: {r.got}" for r in rows)
     with capsys.disabled():
         print(f"\nfault table, {len(rows)} cases:\n{table}")

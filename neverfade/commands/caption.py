@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from neverfade import distributed
-from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
+from neverfade.commands.options import (add_method_options, add_model_options, check_prompt_room, load_captioner,
+                                        method_choice)
 from neverfade.distributed import Ranks
 from neverfade.results import Locked, ResultsFile, lock, merge_parts, part_files, part_path, read_records
 from neverfade.runner import caption_items, errors_left, input_order, item_score, prepare_runs
@@ -97,9 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, results) -> int:
-    from PIL import Image
-
-    from neverfade.api import DEFAULT_PROMPT, PromptTooLong
+    from neverfade.api import DEFAULT_PROMPT
     from neverfade.cli import UserError
     from neverfade.methods import ParameterError
 
@@ -115,11 +114,7 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, resu
         runs = prepare_runs(captioner, settings, prompt, generate)
     except ParameterError as err:
         raise UserError(str(err)) from None
-    try:  # the prompt with the fewest image tokens (a tiny image's); an item's own prompt is checked with its image
-        captioner.check_room(captioner.inputs([Image.new("RGB", (32, 32))], prompt)["attention_mask"].sum(1).tolist(),
-                             args.max_new_tokens)
-    except PromptTooLong as err:
-        raise UserError(f"{'--prompt' if args.prompt else 'the default prompt'}: {err}") from None
+    check_prompt_room(captioner, args.prompt, args.max_new_tokens)  # an item's own prompt: its error record
 
     distributed.barrier(ranks)  # every rank knows what is done before any rank appends
     show = _print_batch if args.show or not args.out else None

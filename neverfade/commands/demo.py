@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
+from neverfade.commands.options import (add_method_options, add_model_options, check_prompt_room, load_captioner,
+                                        method_choice)
 
 
 def add_parser(subparsers) -> None:
@@ -38,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
             build_methods([name], {name: values})
     except ParameterError as err:
         raise UserError(str(err)) from None
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty")
     captioner = load_captioner(args, [], {})
+    check_prompt_room(captioner, args.prompt, args.max_new_tokens)
     app = DemoApp(captioner, params, args.max_new_tokens, args.prompt, args.samples, args.max_upload_mb)
     try:
         server = make_server(app, args.port)

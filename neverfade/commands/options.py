@@ -99,6 +99,21 @@ def check_device(device: str | None) -> None:
         raise UserError(f"--device {device}: this machine has {count} {kind.type} device(s), numbered from 0")
 
 
+def check_prompt_room(captioner, prompt: str | None, max_new_tokens: int) -> None:
+    """UserError unless `prompt` (None: the default) with a tiny image's tokens, the fewest an image takes, leaves
+    room for `max_new_tokens` in the model's positions; each image is checked again as it is described."""
+    from PIL import Image
+
+    from neverfade.api import DEFAULT_PROMPT, PromptTooLong
+    from neverfade.cli import UserError
+
+    inputs = captioner.inputs([Image.new("RGB", (32, 32))], prompt or DEFAULT_PROMPT)
+    try:
+        captioner.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)
+    except PromptTooLong as err:
+        raise UserError(f"{'--prompt' if prompt else 'the default prompt'}: {err}") from None
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging
 

@@ -75,6 +75,7 @@ def _one_run(captioner, run, image, objects, names, params, prompt, max_new_toke
     captioner.watch(*([probe] if probe else []))
     inputs = captioner.processor(text=[captioner.prompt_text(prompt)], images=[image], return_tensors="pt")
     inputs = inputs.to(captioner.model.device)
+    captioner.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)  # past it: garbage, so an error
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(captioner.model.dtype)
     tokenizer = captioner.processor.tokenizer
