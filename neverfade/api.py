@@ -99,6 +99,10 @@ class Captioner:
     def describe(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.methods]
 
+    def setup(self) -> dict[str, Any]:
+        """What besides the methods changes the output: the weights' dtype and paper mode."""
+        return {"dtype": str(self.model.dtype).removeprefix("torch."), "paper": self.paper is not None}
+
     def prompt_text(self, prompt: str) -> str:
         if self.paper is not None and self.paper.conversation:
             return self.paper.conversation.format(image=self.processor.image_token, prompt=prompt)

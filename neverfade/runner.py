@@ -36,7 +36,8 @@ def prepare_runs(captioner, settings: list[tuple[list[str], dict | None]], promp
     for names, params in settings:
         captioner.use(names, params)
         described = captioner.describe()
-        key = json.dumps({"model": captioner.name, "methods": described, "prompt": prompt, **generate},
+        key = json.dumps({"model": captioner.name, **captioner.setup(), "methods": described, "prompt": prompt,
+                          **generate},
                          sort_keys=True)
         runs.append(Run(captioner.methods, described, hashlib.sha1(key.encode()).hexdigest()[:12]))
     return runs

@@ -64,3 +64,15 @@ def test_families_the_authors_did_not_run_and_other_dtypes_are_refused(tiny_mode
     with pytest.raises(ValueError, match="in float16"):
         neverfade.Captioner(c.model, c.processor, paper=True)
     assert "{image}" in VICUNA_V1 and "{prompt}" in VICUNA_V1
+
+
+def test_paper_mode_and_dtype_are_part_of_the_resume_key(tiny_models):
+    """A rerun in paper mode, or in another dtype, must not take the earlier run's captions as its own."""
+    from neverfade.runner import prepare_runs
+
+    def run_id(**load):
+        c = neverfade.load(tiny_models["llava"], device="cpu", **load)
+        return prepare_runs(c, [(["sparc"], None)], PROMPT, {"max_new_tokens": 8})[0].id
+
+    ids = {run_id(), run_id(paper=True), run_id(dtype="bfloat16")}
+    assert len(ids) == 3
