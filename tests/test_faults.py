@@ -285,6 +285,11 @@ def option_cases(tiny_models, root: Path, capsys, monkeypatch) -> list[Row]:
         rows = [refused(capsys, "--device cuda without CUDA", args + ["--device", "cuda"],
                         "--device cuda: this machine has no cuda device")]
     rows.append(refused(capsys, "--device tpu", args + ["--device", "tpu"], "--device tpu: not a device torch knows"))
+    capsys.readouterr()
+    status, lines = main(["bench", "--device", "tpu"]), capsys.readouterr().err.strip().splitlines()
+    rows.append(Row("bench --device tpu", "status 2, one line: neverfade bench: error: --device tpu: not a device",
+                    f"status {status}, {len(lines)} line(s): {' / '.join(lines)}", status == 2 and len(lines) == 1
+                    and lines[0].startswith("neverfade bench: error: --device tpu: not a device torch knows")))
     for n in ("0", "-3"):
         rows.append(refused(capsys, f"--samples {n}", ["--samples", n, "--model", tiny_models["llava"]],
                             "--samples must be between 1 and ", f", got {n}"))
@@ -628,7 +633,7 @@ def judge_cases(root: Path, capsys) -> list[Row]:
 
 # --- the table ----------------------------------------------------------------------------------------------------
 
-N_CASES = 81  # rows of the table below; the test checks the count, so the test name states it
+N_CASES = 82  # rows of the table below; the test checks the count, so the test name states it
 
 
 @pytest.mark.parametrize("cases", [N_CASES], ids=[f"{N_CASES} cases"])

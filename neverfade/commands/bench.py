@@ -50,12 +50,14 @@ def run(args) -> int:
     import torch
 
     from neverfade.cli import UserError
+    from neverfade.commands.options import check_device
     from neverfade.eval.report import write_json
     from neverfade.eval.scenes import parse_run
 
     if args.new_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise UserError("--new-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     models = args.model or (["random:llava:7b", "random:qwen2_vl:7b"] if device.startswith("cuda")
                             else ["random:llava"])
     settings = [("baseline", [], {})]

@@ -194,6 +194,7 @@ def run_pope_build(args) -> int:
 
 
 def run_pope_answer(args) -> int:
+    from neverfade.api import PromptTooLong
     from neverfade.commands.options import load_captioner, method_choice
     from neverfade.eval import pope
     from neverfade.results import ResultsFile
@@ -214,10 +215,13 @@ def run_pope_answer(args) -> int:
             return 0
         captioner = load_captioner(args, *method_choice(args))
         described = {"model": captioner.name, "methods": captioner.describe()}
-        for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  caption_tokens=args.caption_tokens):
-            answers.append([{**record, **described}])
+        try:
+            for record in pope.answer(captioner, todo, args.images, caption_first=args.caption_first,
+                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                      caption_tokens=args.caption_tokens):
+                answers.append([{**record, **described}])
+        except PromptTooLong as err:  # the answers so far are kept
+            raise _user_error(str(err)) from None
     return 0
 
 
