@@ -1,7 +1,18 @@
 """neverfade: inference-time methods that keep a vision-language model's visual attention from fading."""
 
-from neverfade.api import DEFAULT_PROMPT, Caption, Captioner, attach, load
-from neverfade.methods import METHODS, Method
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["load", "attach", "Captioner", "Caption", "DEFAULT_PROMPT", "METHODS", "Method"]
+
+_LAZY = {"load": "neverfade.api", "attach": "neverfade.api", "Captioner": "neverfade.api", "Caption": "neverfade.api",
+         "DEFAULT_PROMPT": "neverfade.api", "METHODS": "neverfade.methods", "Method": "neverfade.methods"}
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use (torch and transformers load then, not at `import neverfade`)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'neverfade' has no attribute {name!r}")

@@ -7,37 +7,33 @@ import importlib
 import os
 import sys
 
-from neverfade.errors import CannotAct
+from neverfade.errors import CannotAct, UserError
 
-# subcommand name -> module exposing add_parser(subparsers); the parser's `func(args) -> int` runs it.
+# subcommand -> (module exposing add_parser(subparsers), one line of help). Only the command named is imported, so
+# `neverfade --help` starts no torch; the parser's `func(args) -> int` runs it.
 SUBCOMMANDS = {
-    "caption": "neverfade.commands.caption",
-    "methods": "neverfade.commands.methods",
-    "eval": "neverfade.eval.cli",
-    "bench": "neverfade.commands.bench",
-    "analyze": "neverfade.commands.analyze",
-    "demo": "neverfade.commands.demo",
+    "caption": ("neverfade.commands.caption", "describe images with the chosen methods"),
+    "methods": ("neverfade.commands.methods", "list the methods with their parameters and defaults"),
+    "eval": ("neverfade.eval.cli", "score captions: CHAIR, POPE, CLAIR"),
+    "bench": ("neverfade.commands.bench", "time decoding with each method against the baseline"),
+    "analyze": ("neverfade.commands.analyze", "attention over the caption, SPARC's selections, saliency maps"),
+    "demo": ("neverfade.commands.demo", "a local page comparing methods on your images"),
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full options of the subcommand `argv` names (of every one when `argv` is None)."""
     parser = argparse.ArgumentParser(
         prog="neverfade",
         description="Make vision-language models describe images more precisely and more completely.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in SUBCOMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # a subcommand not built yet
-        module.add_parser(sub)
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for name, (module_name, help_line) in SUBCOMMANDS.items():
+        if argv is None or name == named:
+            importlib.import_module(module_name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_line)
     return parser
 
 
@@ -45,7 +41,8 @@ DATA_PARALLEL = ("caption",)  # the subcommands that shard their work under torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:
         print(f"neverfade {args.command}: error: does not run data-parallel (every rank would do all the work); "
               "run it as one process. Under torchrun, use neverfade caption", file=sys.stderr)

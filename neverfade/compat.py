@@ -12,6 +12,8 @@ import logging
 
 import transformers
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401  (the stock kernel)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401
 
 from neverfade.errors import CannotAct
 
@@ -76,6 +78,16 @@ def with_cache(kwargs: dict, cache) -> dict:
 def update_model_kwargs(model, outputs, kwargs: dict, num_new_tokens: int = 1) -> dict:
     """generate's own update of the step's keyword arguments (cache, attention mask, positions, token types)."""
     return model._update_model_kwargs_for_generation(outputs, kwargs, num_new_tokens=num_new_tokens)
+
+
+def attention_implementation(config) -> str | None:
+    """The attention implementation a (text) config is set to."""
+    return config._attn_implementation
+
+
+def position_ids(model, input_ids, kwargs: dict):
+    """The position ids generate would make for `input_ids` (Qwen-VL's 3-D rope positions included)."""
+    return model._prepare_position_ids_for_generation(input_ids, dict(kwargs))
 
 
 def pad_token(config):

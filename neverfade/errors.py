@@ -4,3 +4,11 @@
 class CannotAct(RuntimeError):
     """neverfade cannot do what was asked here (a transformers release that changed, a step that cannot be
     captured): it stops, instead of quietly giving the baseline or a slower path."""
+
+
+class ParameterError(ValueError):
+    """An impossible or unknown method parameter."""
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""

@@ -145,3 +145,17 @@ def test_pai_guidance_at_gamma_one_is_the_boost_alone(tiny_models, family):
     guided = c.generate(**inputs, **GREEDY).sequences
     assert not torch.equal(boosted, baseline)
     assert torch.equal(guided, boosted)
+
+
+def test_two_methods_that_choose_tokens_are_refused_before_a_model_loads(capsys):
+    """PAI with cfg has a decoding loop of its own, known from its parameters: with VCD's, one line, exit 2."""
+    from neverfade.cli import main
+    from neverfade.methods import ParameterError, build_methods
+
+    with pytest.raises(ParameterError, match="vcd and pai each choose tokens"):
+        build_methods(["vcd", "pai"], {"pai": {"cfg": True}})
+    assert len(build_methods(["vcd", "pai"])) == 2  # PAI without cfg only boosts attention
+    status = main(["caption", "--samples", "1", "--method", "vcd", "--method", "pai", "--pai-cfg",
+                   "--model", "/nonexistent-model-folder"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "each choose tokens their own way" in err[0]

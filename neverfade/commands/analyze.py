@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from neverfade.analysis.report import write_report
     from neverfade.analysis.run import analyze_setting, parse_saliency_tokens
     from neverfade.api import DEFAULT_PROMPT
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.data.images import ImageError, InputError, load_image, read_items
     from neverfade.data.samples import sample_scene_items
     from neverfade.methods import ParameterError, build_methods

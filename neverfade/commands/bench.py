@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.commands.options import check_device
     from neverfade.eval.report import write_json
     from neverfade.eval.scenes import parse_run
@@ -86,7 +86,7 @@ def run(args) -> int:
 
 
 def _load(model_name, device, dtype):
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.commands.options import quiet_transformers
 
     import neverfade

@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.commands.options import check_device
     from neverfade.data.images import ImageError, InputError, load_image, read_items
     from neverfade.data.samples import sample_scene_items
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, results) -> int:
     from neverfade.api import DEFAULT_PROMPT
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.methods import ParameterError
 
     captioner = load_captioner(args, names, params)
@@ -144,7 +144,7 @@ def _open_results(args: argparse.Namespace, ranks: Ranks) -> tuple[ResultsFile, 
     """This rank's results, locked while the run lasts: appended to --out by a single process, to its part file by a
     rank of several, whose rank 0 also holds --out's lock (the other handle returned); what is done is read from
     --out and every part file present, of any earlier world size. --out must be a new file or a results file."""
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
 
     out = Path(args.out)
     if args.input is not None and Path(args.input).exists() and out.exists() and out.samefile(args.input):

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.demo.server import DemoApp, make_server
     from neverfade.methods import ParameterError, build_methods
 

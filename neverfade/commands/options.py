@@ -59,7 +59,7 @@ def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[s
 def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str, dict[str, Any]]):
     """The model named by --model with the methods attached; load problems become one-line user errors."""
     from neverfade.api import load
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.methods import ParameterError
     from neverfade.models.families import UnsupportedModel
 
@@ -81,7 +81,7 @@ def check_device(device: str | None) -> None:
     """UserError unless `device` (None: the default) is a device torch knows and this machine has."""
     import torch
 
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
 
     if device is None:
         return
@@ -105,7 +105,7 @@ def check_prompt_room(captioner, prompt: str | None, max_new_tokens: int) -> Non
     from PIL import Image
 
     from neverfade.api import DEFAULT_PROMPT, PromptTooLong
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
 
     inputs = captioner.inputs([Image.new("RGB", (32, 32))], prompt or DEFAULT_PROMPT)
     try:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from neverfade.cli import UserError
+from neverfade.errors import UserError
 from neverfade.data.items import Item
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from neverfade import compat
-from neverfade.methods.base import ParameterError
+from neverfade.errors import ParameterError
 
 SEQUENCE_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")  # grow with the sequence
 

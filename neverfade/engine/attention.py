@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from neverfade import compat
 
 NAME = "neverfade"
 
@@ -65,11 +65,11 @@ def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), 
 def neverfade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     engine = getattr(module, "_neverfade_engine", None)
     if engine is None or not engine.hooks:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+        return compat.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     return engine.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
 def register() -> None:
     AttentionInterface.register(NAME, neverfade_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    compat.AttentionMaskInterface.register(NAME, compat.sdpa_mask)

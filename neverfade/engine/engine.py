@@ -12,8 +12,6 @@ import weakref
 
 import torch
 
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
 from neverfade import compat
 from neverfade.engine import attention
 from neverfade.engine.batch import Batch
@@ -53,7 +51,7 @@ class Engine:
         compat.warn_if_untested()
         attention.register()
         text_config = self.model.config.get_text_config()
-        self._previous_impl = text_config._attn_implementation
+        self._previous_impl = compat.attention_implementation(text_config)
         for module in text_attention_modules(self.model):
             if getattr(module, "_neverfade_engine", None) not in (None, self):
                 raise RuntimeError("this model already has neverfade methods attached; detach them first")
@@ -165,7 +163,7 @@ class Engine:
             if self.decode_layers[layer]:
                 batch.rows += 1
                 return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+        out, _ = compat.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                         **kwargs)
         if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
             keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from neverfade.cli import UserError
+from neverfade.errors import UserError
 from neverfade.data.coco import AnnotationError, read_jsonl
 from neverfade.eval import report
 from neverfade.eval.captions import Captions

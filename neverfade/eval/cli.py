@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
 
 
 def _user_error(message: str):
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
 
     return UserError(message)
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neverfade.api import DEFAULT_PROMPT
-    from neverfade.cli import UserError
+    from neverfade.errors import UserError
     from neverfade.commands.options import load_captioner, method_choice
     from neverfade.data.samples import sample_scene_items
     from neverfade.eval.report import write_json

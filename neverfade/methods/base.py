@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from neverfade.engine.batch import Batch
+from neverfade.errors import ParameterError
 from neverfade.models.families import ModelInfo
 
 METHODS: dict[str, type["Method"]] = {}
@@ -23,10 +24,6 @@ METHODS: dict[str, type["Method"]] = {}
 def register(cls: type["Method"]) -> type["Method"]:
     METHODS[cls.name] = cls
     return cls
-
-
-class ParameterError(ValueError):
-    """An impossible or unknown method parameter."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +63,8 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
+    # Flags, known from the parameters alone (class attributes, or properties of the parameters; never set in bind),
+    # so conflicts are refused before a model loads:
     strategy: ClassVar[str | None] = None  # a decoding strategy of its own ("contrast", "rejection", "beam")
     capturable: ClassVar[bool] = False  # per-step work is tensor work only: it can run in a captured decode step
 
@@ -142,9 +141,6 @@ class Method:
     def reweight(self, layer: int, weights: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Replace the weights after every key edit (for what a key scale cannot say, such as SGRS's gradients)."""
         return weights
-
-    def logits_processors(self) -> list:
-        return []
 
     def decoder(self):
         """The decoding loop for `generate(custom_generate=...)`, for methods with a strategy."""

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from neverfade import compat
 from neverfade.engine.batch import Batch
 from neverfade.methods.base import LayerRangeMethod, Param, end_param, per_key, register, start_param
 
@@ -40,8 +41,14 @@ class PAI(LayerRangeMethod):
     def bind(self, info):
         super().bind(info)
         self.image_token_id = info.image_token_id
-        self.strategy = "contrast" if self.cfg else None
-        self.capturable = not self.cfg
+
+    @property
+    def strategy(self) -> str | None:  # known from the parameters, so a conflict is refused before any model loads
+        return "contrast" if self.cfg else None
+
+    @property
+    def capturable(self) -> bool:
+        return not self.cfg
 
     def begin_batch(self, batch: Batch) -> None:
         batch.state(self).boost = batch.image_mask.float() * self.alpha
@@ -66,7 +73,7 @@ class PAI(LayerRangeMethod):
         other = {k: v for k, v in model_kwargs.items() if k not in IMAGE_INPUTS and k != "position_ids"}
         other["attention_mask"] = new_mask
         if "position_ids" in model_kwargs:
-            other["position_ids"] = model._prepare_position_ids_for_generation(ids, dict(other))
+            other["position_ids"] = compat.position_ids(model, ids, other)
         return ids, other
 
     def combine(self, logits: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
