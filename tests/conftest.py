@@ -13,11 +13,15 @@ from neverfade.models.random import FAMILIES, build_random  # noqa: E402
 CORE = {"test_sparc.py", "test_captured.py", "test_methods.py", "test_opera.py", "test_sgrs.py", "test_vcd.py",
         "test_families.py", "test_real_configs.py", "test_compat.py", "test_paper.py"}
 
+SLOW = {"test_crash.py", "test_distributed.py"}  # whole CLI processes, killed and resumed
+BROWSER = {"test_demo.py"}  # headless Chromium
+
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.path.name in CORE:
-            item.add_marker(pytest.mark.core)
+        for names, mark in ((CORE, pytest.mark.core), (SLOW, pytest.mark.slow), (BROWSER, pytest.mark.browser)):
+            if item.path.name in names:
+                item.add_marker(mark)
 
 
 @pytest.fixture(scope="session")

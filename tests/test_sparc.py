@@ -100,7 +100,8 @@ def test_beam_search_is_refused_with_methods(tiny_models):
     assert len(c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)) == 1
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured decode path needs CUDA")
+CUDA = [pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured decode path needs CUDA")]
 
 
 @pytest.mark.parametrize("decode", ["eager", "static", pytest.param("captured", marks=CUDA)])
