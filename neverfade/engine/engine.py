@@ -163,8 +163,8 @@ class Engine:
             if self.decode_layers[layer]:
                 batch.rows += 1
                 return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
-        out, _ = compat.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)
+        out, _ = compat.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
         if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
             keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys
             row = self._row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask, scaling, layer,
