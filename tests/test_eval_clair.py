@@ -1,4 +1,6 @@
 import json
+import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -8,6 +10,7 @@ import pytest
 from eval_fixtures import write_jsonl
 
 from neverfade.cli import main
+from neverfade.errors import UserError
 from neverfade.eval import captions, clair
 
 
@@ -73,7 +76,7 @@ def server():
 
 
 def judge(server, **kw):
-    return clair.Judge(server.url, "judge-1", **{"backoff": 0.01, "timeout": 5.0, **kw})
+    return clair.Judge(server.url, "judge-1", **{"timeout": 5.0, **kw})
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -140,6 +143,34 @@ def test_refusals_and_exhausted_retries_stop_with_a_clear_error(server, tmp_path
     with pytest.raises(clair.JudgeError, match="failed 3 times, last: HTTP 500"):
         clair.score_one(judge(server, retries=2), clair.AnswerCache(tmp_path / "c.jsonl"), ["a"], ["b"])
     assert len(server.requests) == 4
+
+
+def test_without_a_key_no_authorization_is_sent_even_with_openai_api_key_set(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    clair.score_one(judge(server), clair.AnswerCache(tmp_path / "c.jsonl"), ["a"], ["b"])
+    assert [r["auth"] for r in server.requests] == [None]
+
+
+def test_answers_that_are_never_chat_completions_stop_with_a_clear_error(server, tmp_path):
+    server.script = lambda n, p: (200, b"<html>a proxy page</html>", {}, 0)
+    with pytest.raises(clair.JudgeError, match="failed 2 times, last: not a chat-completions answer: .*a proxy page"):
+        clair.score_one(judge(server, retries=1), clair.AnswerCache(tmp_path / "c.jsonl"), ["a"], ["b"])
+    assert len(server.requests) == 2
+
+
+def test_judge_down_names_the_refused_connection(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(clair.JudgeError, match=f"judge at http://127.0.0.1:{port}/v1 failed 1 times, last: .*refused"):
+        clair.Judge(f"http://127.0.0.1:{port}/v1", "m", retries=0).complete("hello")
+
+
+def test_without_the_openai_package_one_line_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError
+    needs = r"^the CLAIR judge needs the openai package: pip install 'neverfade\[clair\]'$"
+    with pytest.raises(UserError, match=needs):
+        clair.Judge("http://127.0.0.1:1/v1", "m")
 
 
 def write_captions(tmp_path, n):

@@ -3,11 +3,12 @@ as a reference set. Prompt and parsing are the original's (DavidMChan/clair): up
 the first {...} JSON object's "score" (and "reason"), else as the first number in the text (a number below 1 is taken
 as already normalised and multiplied by 100); three unreadable answers score 0. Scores are stored divided by 100.
 
-The judge is any OpenAI-compatible endpoint: POST {url}/chat/completions, temperature 0, the key (when set) from an
-environment variable as a Bearer token. Calls run `concurrency` at a time and are retried with exponential backoff
-and jitter on HTTP 429, 5xx, time-outs and dropped connections, honouring Retry-After. Every judge answer is
-appended to a JSONL cache, flushed and synced as it arrives, keyed by (judge model, prompt, try number), so an
-interrupted evaluation resumes without asking any question twice.
+The judge is any OpenAI-compatible endpoint, asked through the `openai` client (`pip install 'neverfade[clair]'`):
+chat completions at `url`, temperature 0, the key (when set) from an environment variable as a Bearer token. Calls
+run `concurrency` at a time; the client retries HTTP 429, 5xx, time-outs and dropped connections with exponential
+backoff and jitter, honouring Retry-After. Every judge answer is appended to a JSONL cache, flushed and synced as it
+arrives, keyed by (judge model, prompt, try number), so an interrupted evaluation resumes without asking any question
+twice.
 
     judge = clair.Judge("https://api.openai.com/v1", "gpt-4o", api_key=os.environ["OPENAI_API_KEY"])
     result = clair.evaluate(captions.load("out/sparc.jsonl"), clair.load_references("IIW-400/data.jsonl"),
@@ -16,17 +17,11 @@ interrupted evaluation resumes without asking any question twice.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
-import http.client
 import json
 import os
-import random
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +30,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from neverfade.errors import UserError
 from neverfade.data.coco import AnnotationError, read_jsonl
+from neverfade.errors import UserError
 from neverfade.eval import report
 from neverfade.eval.captions import Captions
 
@@ -78,76 +73,70 @@ def parse(text: str) -> tuple[float | None, str | None]:
             reason[0].strip()[len("reason"):].replace(":", "").strip() if reason else "Unknown")
 
 
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After") if headers else None
-    if not value:
-        return None
+def _retried_by_client(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500  # what the openai client retries
+
+
+def _content(response: Any) -> str | None:
+    """The answer's text, None when `response` is not a chat completion (the client gives a str for a non-JSON
+    body, such as a proxy's error page)."""
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:  # an HTTP date
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        return str(response.choices[0].message.content or "")
+    except (AttributeError, IndexError, TypeError):
         return None
-
-
-class _Transient(Exception):
-    def __init__(self, why: str, wait: float | None = None):
-        super().__init__(why)
-        self.wait = wait
 
 
 @dataclass
 class Judge:
-    """A chat-completions client with retries. `stop` (an Event) ends waiting between retries early."""
+    """A chat-completions endpoint through the `openai` client, which retries HTTP 408, 409, 429, 5xx, time-outs and
+    dropped connections up to `retries` times with exponential backoff and jitter, honouring Retry-After. `stop` (an
+    Event) keeps further prompts from being asked."""
 
     url: str
     model: str
     api_key: str | None = None
     timeout: float = 120.0
     retries: int = 6
-    backoff: float = 1.0  # seconds before the first retry, doubled each time, at most max_backoff
-    max_backoff: float = 60.0
     max_tokens: int = 1024
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def _request(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0.0, "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers, method="POST")
+    def __post_init__(self):
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:300].decode("utf-8", "replace")
-            if err.code == 429 or err.code >= 500:
-                raise _Transient(f"HTTP {err.code}", _retry_after(err.headers)) from None
-            hint = " (no API key was given)" if err.code in (401, 403) and not self.api_key else ""
-            raise JudgeError(f"judge at {self.url} answered HTTP {err.code}{hint}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-            raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
-        try:
-            return str(json.loads(raw)["choices"][0]["message"]["content"] or "")
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise _Transient(f"not a chat-completions answer: {raw[:200]!r}") from None
+            import openai
+        except ImportError:
+            raise UserError("the CLAIR judge needs the openai package: pip install 'neverfade[clair]'") from None
+        self._openai = openai
+        # The key is always given, so the client never reads OPENAI_API_KEY; without one, no Authorization header.
+        self._client = openai.OpenAI(base_url=self.url, api_key=self.api_key or "none", max_retries=self.retries,
+                                     timeout=self.timeout)
+        self._headers = {} if self.api_key else {"Authorization": openai.Omit()}
 
     def complete(self, prompt: str) -> str:
-        """The judge's answer to `prompt`, retrying transient failures; JudgeError when none comes."""
-        for attempt in range(self.retries + 1):
+        """The judge's answer to `prompt`; JudgeError when it refuses or no answer comes after every retry. An answer
+        that is not a chat completion is asked for again, up to `retries` times."""
+        openai, failed = self._openai, f"judge at {self.url} failed {self.retries + 1} times, last:"
+        for _ in range(self.retries + 1):
             if self.stop.is_set():
                 raise JudgeError("stopped")
             try:
-                return self._request(prompt)
-            except _Transient as err:
-                if attempt == self.retries:
-                    raise JudgeError(f"judge at {self.url} failed {attempt + 1} times, last: {err}") from None
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-                self.stop.wait(max(delay, err.wait or 0.0))
-        raise AssertionError("unreachable")
+                response = self._client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                    max_tokens=self.max_tokens, extra_headers=self._headers)
+            except openai.APIStatusError as err:
+                if _retried_by_client(err.status_code):
+                    raise JudgeError(f"{failed} HTTP {err.status_code}") from None
+                hint = " (no API key was given)" if err.status_code in (401, 403) and not self.api_key else ""
+                raise JudgeError(f"judge at {self.url} answered HTTP {err.status_code}{hint}: "
+                                 f"{err.response.text[:300]}") from None
+            except openai.APITimeoutError:
+                raise JudgeError(f"{failed} no answer within {self.timeout:g} s") from None
+            except openai.APIConnectionError as err:
+                cause = err.__cause__ or err
+                raise JudgeError(f"{failed} {type(cause).__name__}: {cause}") from None
+            content = _content(response)
+            if content is not None:
+                return content
+        raise JudgeError(f"{failed} not a chat-completions answer: {str(response)[:200]!r}")
 
 
 class AnswerCache:
