@@ -17,11 +17,12 @@ from typing import Any, Iterable
 import torch
 from PIL import Image
 
-from neverfade.analysis.probes import ImageAttentionShare
-from neverfade.decoding.captured import static_decode
+from neverfade import decoding
+from neverfade.data.images import load_image
+from neverfade.engine.contract import Method
 from neverfade.engine.engine import Engine
 from neverfade.methods import build_methods
-from neverfade.methods.base import Method
+from neverfade.probes import ImageAttentionShare
 from neverfade.models.families import FAMILIES, model_info
 from neverfade.models.processors import load_processor
 
@@ -34,6 +35,17 @@ class Caption:
     new_tokens: int
     seconds: float  # this caption's share of its batch's wall time
     image_attention: list[float] | None = None  # per new token, with record_attention: share of attention on the image
+
+
+@dataclass
+class Generation:
+    """One batch captioned while probes watched (`Captioner.run`)."""
+
+    inputs: Any  # the processor's batch, on the model's device
+    token_ids: list[list[int]]  # per image: the new tokens up to and including the first end-of-sequence token
+    seconds: float  # the batch's wall time
+    records: dict[str, Any]  # probe name -> what it kept of the main branch: (B, steps, ...), step 0 the prompt's
+    batch: Any = None  # the engine's Batch of the main branch (its image mask), when a probe watched
 
 
 class PromptTooLong(ValueError):
@@ -65,7 +77,7 @@ class Captioner:
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
         if self.paper is not None and self.paper.pad_to_square:
-            self.processor.image_processor = _padding_to_square(self.processor.image_processor)
+            self.processor.image_processor = family.square_padding(self.processor.image_processor)
         self.use(methods)
 
     def record_attention(self, layer: int | None = None) -> "Captioner":
@@ -75,7 +87,7 @@ class Captioner:
         return self.use(self.methods)
 
     def watch(self, *probes: Method) -> "Captioner":
-        """From now on, run these observers (neverfade.analysis.probes) beside the methods; `watch()` removes them.
+        """From now on, run these observers (neverfade.probes) beside the methods; `watch()` removes them.
         Observers force the eager decode path."""
         self.probes = list(probes)
         return self.use(self.methods)
@@ -90,7 +102,7 @@ class Captioner:
             self.engine.detach()
             self.engine = None
         built = build_methods(methods, params)
-        beams = any(m.strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
+        beams = any(m.flags().strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
         probes = [] if beams else [p for p in (self.attention_probe, *self.probes) if p is not None]
         if built or probes:
             self.engine = Engine(self.model, built, probes).attach()
@@ -114,7 +126,7 @@ class Captioner:
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        pil = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in images]
+        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         inputs = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt",
                                 padding=True).to(self.model.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
@@ -133,26 +145,46 @@ class Captioner:
                                 "(max_position_embeddings)", over)
 
     @torch.no_grad()  # not inference_mode: SGRS takes gradients inside its loop
-    def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
-                do_sample: bool = False, **generate_kwargs) -> list[Caption]:
-        """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image."""
-        if not images:
-            return []
+    def run(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
+            watch: Iterable[Method] = (), do_sample: bool = False, **generate_kwargs) -> Generation:
+        """Caption `images` with the attached methods while the probes in `watch` (neverfade.probes) observe: the one
+        path under `caption`, `neverfade analyze` and the demo."""
         if generate_kwargs.get("num_beams", 1) > 1 and self.engine is not None:
             raise ValueError("beam search is not supported with attention methods attached (their per-sequence "
                              "state would not follow the beams); use greedy decoding or sampling")
         inputs = self.inputs(images, prompt)
         self.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)
-        start = time.perf_counter()
-        out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
-        seconds = (time.perf_counter() - start) / len(images)
+        watch, kept = list(watch), self.probes
+        if watch:
+            self.watch(*kept, *watch)
+        try:
+            start = time.perf_counter()
+            out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+            seconds = time.perf_counter() - start
+        finally:
+            if watch:
+                self.watch(*kept)
         new = out[:, inputs["input_ids"].shape[1]:]
-        counts = self._count_new_tokens(new)
-        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        ids = [row[:n] for row, n in zip(new.tolist(), self._count_new_tokens(new))]
+        generation = Generation(inputs, ids, seconds, {})
+        for probe in watch:
+            taken = probe.take_batch() if hasattr(probe, "take_batch") else None
+            if taken is not None:
+                generation.batch, generation.records[probe.name] = taken
+        return generation
+
+    def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
+                do_sample: bool = False, **generate_kwargs) -> list[Caption]:
+        """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image."""
+        if not images:
+            return []
+        run = self.run(images, prompt, max_new_tokens, do_sample=do_sample, **generate_kwargs)
+        texts = self.processor.batch_decode(run.token_ids, skip_special_tokens=True)
         shares = self.attention_probe.take() if self.attention_probe else None
         shares = shares.float().tolist() if shares is not None else [None] * len(texts)
-        return [Caption(t.strip(), int(n), seconds, s[:n] if s is not None else None)
-                for t, n, s in zip(texts, counts, shares)]
+        seconds = run.seconds / len(images)
+        return [Caption(t.strip(), len(ids), seconds, s[: len(ids)] if s is not None else None)
+                for t, ids, s in zip(texts, run.token_ids, shares)]
 
     @property
     def decode(self) -> str:
@@ -170,7 +202,7 @@ class Captioner:
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
         "strategy" (a method's own loop) or "eager"."""
-        if self.engine is not None and self.engine.custom_generate() is not None:
+        if self.engine is not None and self.engine.strategy:
             return "strategy"
         if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
             return "eager"
@@ -185,7 +217,9 @@ class Captioner:
         path = self.decode_path()
         if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":
             reason = "has its own decoding loop" if path == "strategy" else "keeps per-step state on the host"
-            names = [m.name for m in self.engine.hooks if (m.strategy if path == "strategy" else not m.capturable)]
+            flags = self.engine.flags
+            names = [m.name for m in self.engine.hooks
+                     if (flags[m].strategy if path == "strategy" else not flags[m].capturable)]
             _log_once(f"neverfade: {'+'.join(names)} {reason}; decode steps run eagerly (not captured)")
         if path in ("strategy", "captured", "static") and inputs_and_kwargs.get("streamer") is not None:
             inputs_and_kwargs["neverfade_streamer"] = inputs_and_kwargs.pop("streamer")
@@ -195,8 +229,8 @@ class Captioner:
                                                               if isinstance(v, torch.Tensor)})
         elif path in ("captured", "static") and inputs_and_kwargs.get("num_beams", 1) == 1:
             inputs_and_kwargs.setdefault("cache_implementation", "static")
-            inputs_and_kwargs.setdefault("custom_generate", functools.partial(static_decode,
-                                                                              capture=path == "captured"))
+            inputs_and_kwargs.setdefault("custom_generate", decoding.custom_generate("static",
+                                                                                     capture=path == "captured"))
         out = self.model.generate(**inputs_and_kwargs)
         if self.engine is not None:
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -297,14 +331,6 @@ def _check_paper(family, dtype):
         raise ValueError(f"paper mode runs {family.name} in {wanted}, as the authors did; got {dtype} "
                          f"({family.paper.source})")
     return wanted
-
-
-def _padding_to_square(image_processor):
-    """LLaVA's own image processor with `do_pad`: the image padded to a square with the mean colour, then resized
-    and cropped as the checkpoint's processor does (LLaVA-1.5's image_aspect_ratio "pad")."""
-    from transformers import LlavaImageProcessorPil
-
-    return LlavaImageProcessorPil.from_dict({**image_processor.to_dict(), "do_pad": True})
 
 
 def _dtype(dtype, device: str) -> torch.dtype:

@@ -4,7 +4,6 @@ On a CPU the loop runs its steps eagerly with exactly the buffers and update rul
 advanced in place, the new key unmasked, the window of LocoRE following the device-side query index), so these
 tests check those rules; `neverfade bench --check` checks the replay itself on a GPU."""
 
-import functools
 import json
 
 import pytest
@@ -13,7 +12,8 @@ import transformers
 
 import neverfade
 from neverfade.cli import main
-from neverfade.decoding.captured import CaptureFailed, static_decode
+from neverfade import decoding
+from neverfade.decoding.captured import CaptureFailed, StaticLoop
 from tests.conftest import make_images
 
 STEPS = 20
@@ -39,7 +39,7 @@ def test_static_loop_equals_generate(tiny_models, family, methods, params):
     forced = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
     eager = _generate(c, "eager", inputs, **forced)
     static = _generate(c, "static", inputs, **forced)
-    assert c.decode_path() == "static" and c.model._neverfade_last_loop.buffered
+    assert c.decode_path() == "static" and isinstance(c.model._neverfade_last_loop, StaticLoop)
     assert len(set(map(tuple, eager.sequences[:, -STEPS:].tolist()))) > 1, "the images must give different outputs"
     assert torch.equal(eager.sequences, static.sequences)
     assert len(eager.scores) == len(static.scores) == STEPS
@@ -116,7 +116,7 @@ def test_a_step_that_cannot_be_captured_is_an_error_naming_the_versions(tiny_mod
     forced = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
     with pytest.raises(CaptureFailed) as failed, torch.no_grad():
         c.model.generate(**inputs, cache_implementation="static", **forced,
-                         custom_generate=functools.partial(static_decode, capture=True))
+                         custom_generate=decoding.custom_generate("static", capture=True))
     message = str(failed.value)
     assert "\n" not in message and f"transformers {transformers.__version__}" in message
     assert "--decode eager" in message

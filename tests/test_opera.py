@@ -2,6 +2,7 @@
 batches; composition with attention methods; refused parameters."""
 
 import pytest
+from types import SimpleNamespace
 import torch
 from transformers import AutoModelForImageTextToText, LogitsProcessor
 
@@ -185,8 +186,10 @@ def test_a_beam_without_candidates_is_replaced(tiny_models):
 class Listed(Method):
     name, summary = "listed", "keeps a list per batch"
 
-    def begin_batch(self, batch):
-        batch.state(self).seen = []
+    State = SimpleNamespace
+
+    def new_state(self, batch):
+        return SimpleNamespace(seen=[])
 
 
 @pytest.mark.parametrize("params,message", [

@@ -45,7 +45,7 @@ def test_every_method_attaches_to_every_layer(meta_model):
             assert used <= set(range(depth)), f"{name} names layers beyond the model's {depth}"
         if name == "sparc":
             assert (engine.methods[0].layer, engine.methods[0].tau) == (layer, tau)
-        if engine.methods[0].strategy:
+        if engine.flags[engine.methods[0]].strategy:
             assert callable(engine.custom_generate())
         c.use([])
         assert all(not hasattr(m, "_neverfade_engine") for m in modules)
@@ -63,7 +63,8 @@ def test_a_decode_step_reaches_every_layer_at_real_shapes(meta_model):
     image[0, 5:30] = True
     engine.batch = Batch(image_mask=image.to("meta"))
     for m in engine.hooks:
-        m.begin_batch(engine.batch)
+        if m.State is not None:
+            engine.batch.states[m.name] = m.new_state(engine.batch)
     decoder, hidden = model.get_decoder(), model.config.get_text_config().hidden_size
     cache = DynamicCache(config=model.config.get_text_config())
     with torch.no_grad():

@@ -67,5 +67,5 @@ def test_state_kept_across_steps_holds_no_graph(tiny_models):
     batch = c.engine.batch
     sparc = batch.state(c.engine.methods[0])
     assert not sparc.ema.requires_grad and not sparc.weight.requires_grad
-    shares = batch.state(c.attention_probe).shares
+    shares = batch.state(c.attention_probe).rows
     assert len(shares) == 6 and not any(s.requires_grad for s in shares)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import neverfade
+from neverfade.engine.contract import Flags
 from conftest import full_forward_inputs, make_images
 
 STEPS = 16
@@ -74,7 +75,10 @@ def test_two_decoding_strategies_are_refused():
     from neverfade.methods import ParameterError, build_methods
 
     class Other(neverfade.Method):
-        name, summary, strategy = "other", "x", "rejection"
+        name, summary = "other", "x"
+
+        def flags(self):
+            return Flags(strategy="rejection")
 
     with pytest.raises(ParameterError, match="vcd and other each choose tokens their own way"):
         build_methods(["vcd", Other()])

@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from neverfade.analysis.grid import TokenGrid, token_grid
 from neverfade.analysis.objects import object_marks
-from neverfade.analysis.probes import ImageAttentionMap
 from neverfade.analysis.saliency import saliency_maps
 from neverfade.analysis.tokens import token_at, token_spans
 from neverfade.analysis.wasserstein import consecutive_wasserstein
+from neverfade.models.families import FAMILIES
+from neverfade.probes import ImageAttentionMap, SparcSelections
 
 
 @dataclass
@@ -50,48 +50,31 @@ def analyze_setting(captioner, items, prompt: str, max_new_tokens: int, layer: i
                     saliency_tokens: list[int | str] = ("objects",), diversity_tokens: int = 100,
                     most_saliency: int = 8) -> list[ImageAnalysis]:
     """Caption `items` (data.items.Item) one at a time with the captioner's methods attached, watched."""
-    if any(m.strategy == "beam" for m in captioner.methods):
+    if any(m.flags().strategy == "beam" for m in captioner.methods):
         raise ValueError("attention diagnostics cannot follow beam search (opera); analyze the other methods")
-    probe = ImageAttentionMap(layer=layer)
-    sparc = next((m for m in captioner.methods if m.name == "sparc"), None)
-    if sparc is not None:
-        sparc.keep_selections = True
-    watched = captioner.probes
-    captioner.watch(*watched, probe)
-    try:
-        return [_analyze_one(captioner, probe, sparc, item, prompt, max_new_tokens, saliency_tokens,
-                             diversity_tokens, most_saliency) for item in items]
-    finally:
-        captioner.watch(*watched)
+    return [_analyze_one(captioner, layer, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens,
+                         most_saliency) for item in items]
 
 
-def _analyze_one(captioner, probe, sparc, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens,
+def _analyze_one(captioner, layer, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens,
                  most_saliency) -> ImageAnalysis:
     from neverfade.data.images import load_image
 
     image = load_image(item.image)
-    text_prompt = captioner.prompt_text(item.prompt or prompt)
-    inputs = captioner.processor(text=[text_prompt], images=[image], return_tensors="pt").to(captioner.model.device)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(captioner.model.dtype)
-    with torch.no_grad():
-        out = captioner.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    batch, maps = probe.take_batch()
-    ids = out[0, inputs["input_ids"].shape[1]:]
-    ids = _until_eos(ids.tolist(), captioner.model.generation_config.eos_token_id)
+    probe = ImageAttentionMap(layer=layer)
+    sparc = next((m for m in captioner.methods if m.name == "sparc"), None)
+    selected = SparcSelections(sparc) if sparc is not None else None
+    run = captioner.run([image], item.prompt or prompt, max_new_tokens, watch=[probe] + [selected] * bool(selected))
+    ids, batch, inputs = run.token_ids[0], run.batch, run.inputs
     n = len(ids)
     text, spans = token_spans(captioner.processor.tokenizer, ids)
     image_positions = batch.image_mask[0].nonzero().squeeze(1).cpu()
     grid = token_grid(captioner.model, inputs, len(image_positions))
-    maps = maps[0, :n].float().cpu()  # (n, P)
+    maps = run.records[probe.name][0, :n].float().cpu()  # (n, P): step k wrote token k
     placed = grid.place(maps[:, image_positions].numpy())
     selections = None
-    if sparc is not None:
-        steps = sparc.selections(batch)  # one per decode step: the step writing token k >= 1 (0-based)
-        chosen = torch.zeros(n, len(image_positions), dtype=torch.bool)
-        for k, selected in enumerate(steps[: n - 1], start=1):
-            chosen[k] = selected[0, image_positions].cpu()
-        selections = grid.place(chosen.numpy())
+    if selected is not None:  # the selection at the step that wrote each token (none at the prompt's)
+        selections = grid.place(run.records[selected.name][0, :n][:, image_positions].cpu().numpy())
     objects = object_marks(text, item.meta.get("objects")) if "objects" in item.meta else None
     analysis = ImageAnalysis(
         id=item.id, image=model_view(image, captioner), caption=text, tokens=[text[a:b] for a, b in spans],
@@ -112,13 +95,6 @@ def _analyze_one(captioner, probe, sparc, item, prompt, max_new_tokens, saliency
             "image_attention": grid.place(rows["attention"][:, image_positions].numpy()),
         })
     return analysis
-
-
-def _until_eos(ids: list[int], eos) -> list[int]:
-    """The generated tokens up to and including the first end-of-sequence token."""
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
-    return ids[:end]
 
 
 def _saliency_positions(spec, text, spans, most) -> tuple[list[int], list]:
@@ -149,10 +125,7 @@ def _word_start(text: str, word: str) -> int | None:
 
 
 def model_view(image: Image.Image, captioner) -> Image.Image:
-    """The part of the image the token grid covers: LLaVA-1.5's processor crops the centre square."""
-    processor = getattr(captioner.processor, "image_processor", None)
-    if type(captioner.model).__name__ == "LlavaForConditionalGeneration" and getattr(processor, "do_center_crop", 0):
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        return image.crop((left, top, left + side, top + side))
-    return image
+    """The part of the image the token grid covers (`Family.model_view`: LLaVA-1.5's processor crops the centre
+    square)."""
+    family = FAMILIES.get(type(captioner.model).__name__)
+    return image if family is None else family.model_view(image, captioner.processor)

@@ -13,13 +13,11 @@ With a two-branch method (VCD, PAI's guidance) the saliency is the main branch's
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from neverfade import compat
+from neverfade import compat, decoding
 from neverfade.decoding.loop import DecodingLoop
-from neverfade.methods.base import Method
+from neverfade.engine.contract import Method
 
 
 class AttentionGradients(Method):
@@ -59,17 +57,17 @@ class AttentionGradients(Method):
 class ForcedLoop(DecodingLoop):
     """Feeds given tokens back (teacher forcing); at the chosen output positions the step runs with gradients."""
 
-    def __init__(self, tokens, positions, probe, **loop):
+    def __init__(self, tokens, positions, probe, found: dict, **loop):
         super().__init__(**loop)
         self.tokens, self.positions, self.probe = tokens, set(positions), probe
         self.index = 0  # the output position the next forward predicts, 0-based
-        self.found: dict[int, dict[str, torch.Tensor]] = {}
+        self.found: dict[int, dict[str, torch.Tensor]] = found
 
-    def step_logits(self, input_ids, first):
+    def step_logits(self, input_ids, step):
         wanted = self.index in self.positions
         self.probe.armed, self.probe.rows = wanted, []
         with torch.set_grad_enabled(wanted):
-            out, self.kwargs = self.forward(input_ids, self.kwargs, first)
+            out, self.kwargs = self.forward(input_ids, self.kwargs, step == 0)
             logits = out.logits[:, -1].float()
             if wanted:
                 self.found[self.index] = self.probe.saliency(logits, self.tokens[self.index])
@@ -89,15 +87,6 @@ def _detach_cache(cache) -> None:
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
 
 
-def forced_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                  streamer=None, *, tokens, positions, probe, result, neverfade_inputs=None, **model_kwargs):
-    loop = ForcedLoop(tokens, positions, probe, model=model, logits_processor=logits_processor,
-                      stopping_criteria=stopping_criteria, generation_config=generation_config)
-    out = loop.run(input_ids, model_kwargs)
-    result.update(loop.found)
-    return out
-
-
 def saliency_maps(captioner, inputs, tokens: list[int], positions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """For each 0-based output position in `positions`: the (layers, T) saliency and attention rows of the step that
     predicted `tokens[position]`, T = prompt length + position. `inputs`: the processor's outputs for one image."""
@@ -107,7 +96,7 @@ def saliency_maps(captioner, inputs, tokens: list[int], positions: list[int]) ->
     watched = captioner.probes
     captioner.watch(*watched, probe)
     try:
-        decode = functools.partial(forced_decode, tokens=tokens, positions=positions, probe=probe, result=result)
+        decode = decoding.custom_generate(ForcedLoop, tokens=tokens, positions=positions, probe=probe, found=result)
         captioner.generate(**inputs, max_new_tokens=max(positions) + 1, do_sample=False, custom_generate=decode)
     finally:
         captioner.watch(*watched)

@@ -1,11 +1,11 @@
 """The fast decode path: a static KV cache, and every decode step replayed from one captured CUDA graph.
 
-Run through `generate(cache_implementation="static", custom_generate=static_decode)`. The prefill and the first
+Run through `generate(cache_implementation="static", custom_generate=decoding.custom_generate("static"))`. The prefill and the first
 decode step run eagerly (the first decode step doubles as the warm-up that CUDA graph capture needs); the second step
 is captured, and every later step replays it. The step's inputs live in fixed buffers that the graph itself advances
 (positions +1, the new key unmasked), so the host only writes the chosen token and never waits for the GPU, except
 every `check_every` steps to see whether every sequence has finished. Methods run inside the graph: their per-step
-state must be tensors updated in place, never Python values (`Method.capturable`).
+state must be tensors updated in place, never Python values (`Flags.capturable`).
 
 Without CUDA (or with `capture=False`) the same loop runs the step eagerly: that is the reference the captured
 replay is checked against.
@@ -18,6 +18,7 @@ import torch
 from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
 from neverfade.errors import CannotAct
+from neverfade.models.families import family_of
 
 
 class CaptureFailed(CannotAct):
@@ -25,12 +26,12 @@ class CaptureFailed(CannotAct):
 
 
 class StaticLoop(DecodingLoop):
-    def __init__(self, capture: bool, check_every: int = 16, **loop):
+    def __init__(self, capture: bool | None = None, check_every: int = 16, **loop):
+        """`capture`: replay the steps from a CUDA graph (default: on CUDA)."""
         super().__init__(**loop)
         self.capture = capture
         self.check_every = check_every
         self.graph = self.static = None
-        self.buffered = False
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
 
     # ---- the step's fixed buffers ----
@@ -42,12 +43,15 @@ class StaticLoop(DecodingLoop):
         if cache is None or not getattr(cache, "is_compileable", False):
             raise compat.UnsupportedTransformers("the captured decode path needs generate's static KV cache, and got "
                                                  f"{type(cache).__name__}")
+        family = family_of(type(self.model).__name__)  # besides transformers' own, the family's image metadata
+        self.advancing = (*compat.STEP_ADVANCING, *family.step_advancing)
+        constant = (*compat.STEP_CONSTANT, *family.step_constant)
         static = compat.with_cache({}, cache)
         for name, value in compat.without_cache(inputs).items():
             if name == "attention_mask":
                 continue
             if isinstance(value, torch.Tensor):
-                if name != "input_ids" and name not in compat.STEP_ADVANCING and name not in compat.STEP_CONSTANT:
+                if name != "input_ids" and name not in self.advancing and name not in constant:
                     raise compat.UnsupportedTransformers(f"the captured decode path cannot follow the per-step input "
                                                          f"{name!r}")
                 value = value.clone()
@@ -65,7 +69,7 @@ class StaticLoop(DecodingLoop):
     def _step(self):
         out = self.model(**self.static)
         self.logits.copy_(out.logits[:, -1])
-        for name in compat.STEP_ADVANCING:
+        for name in self.advancing:
             if isinstance(self.static.get(name), torch.Tensor):
                 self.static[name].add_(1)
         self.query.add_(1)
@@ -105,58 +109,20 @@ class StaticLoop(DecodingLoop):
                              f"{compat.VERSION}, torch {torch.__version__}); decode without capture with "
                              "decode='eager' (--decode eager)")
 
-    def run(self, input_ids, model_kwargs):
-        pad = compat.pad_token(self.config)
-        has_eos = any(hasattr(c, "eos_token_id") for c in self.stopping_criteria)
-        batch, prompt_len = input_ids.shape
-        device = input_ids.device
-        unfinished = torch.ones(batch, dtype=torch.long, device=device)
-        done_at = torch.zeros((), dtype=torch.long, device=device)  # new tokens when every sequence had finished
-        out, self.kwargs = self.forward(input_ids, model_kwargs, first=True)
-        logits = out.logits[:, -1].float()
-        self.logits = torch.empty_like(logits)
-        keep_scores = self.config.return_dict_in_generate and self.config.output_scores
-        kept = []
-        step = 0
-        while True:
-            scores = self.logits_processor(input_ids, logits)
-            if keep_scores:
-                kept.append(scores.clone())  # the logits buffer is rewritten by the next step
-            tokens = self.choose(input_ids, logits, scores)
-            if has_eos and pad is not None:
-                tokens = tokens * unfinished + pad * (1 - unfinished)
-            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
-            if self.streamer is not None:
-                self.streamer.put(tokens.cpu())
-            unfinished = unfinished & ~self.stopping_criteria(input_ids, scores)
-            step += 1
-            done_at = torch.where((done_at == 0) & (unfinished.max() == 0), step, done_at)
-            if input_ids.shape[1] >= self.config.max_length or (step % self.check_every == 0 and done_at > 0):
-                break
-            if step == 1:
-                self.static = self._buffers(input_ids, self.kwargs)
-            logits = self._next_logits(input_ids, tokens, step)
-        if self.streamer is not None:
-            self.streamer.end()
-        self.buffered = self.static is not None  # whether the steps ran from the fixed buffers (tests, bench)
+    def start(self, input_ids, model_kwargs):
+        if self.capture is None:
+            self.capture = input_ids.device.type == "cuda"
+        super().start(input_ids, model_kwargs)
+
+    def step_logits(self, input_ids, step):
+        if step == 0:
+            out, self.kwargs = self.forward(input_ids, self.kwargs, first=True)
+            logits = out.logits[:, -1].float()
+            self.logits = torch.empty_like(logits)
+            return logits
+        if step == 1:
+            self.static = self._buffers(input_ids, self.kwargs)
+        return self._next_logits(input_ids, input_ids[:, -1], step)
+
+    def finish(self):
         self.graph = self.static = None  # frees the graph's memory pool, and the buffers' hold on the cache
-        stop = int(done_at)
-        if stop:
-            input_ids, kept = input_ids[:, : prompt_len + stop], kept[:stop]
-        if self.config.return_dict_in_generate:
-            return compat.decoder_output(input_ids, tuple(kept) or None, compat.cache_of(model_kwargs))
-        return input_ids
-
-
-def static_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                  streamer=None, *, capture=None, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
-    """Decode with the static cache generate made; `capture`: replay steps from a CUDA graph (default: on CUDA)."""
-    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
-    if synced_gpus:
-        raise ValueError("the captured decode path does not support synced_gpus")
-    if capture is None:
-        capture = input_ids.device.type == "cuda"
-    loop = StaticLoop(capture, model=model, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                      generation_config=generation_config, streamer=streamer)
-    model._neverfade_last_loop = loop
-    return loop.run(input_ids, model_kwargs)

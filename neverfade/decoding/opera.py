@@ -20,42 +20,41 @@ import torch
 from transformers import DynamicCache
 
 from neverfade import compat
+from neverfade.decoding.loop import DecodingLoop
 from neverfade.errors import ParameterError
 
 SEQUENCE_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")  # grow with the sequence
 
 
-def beam_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                streamer=None, *, method, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
-    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
-    if synced_gpus:
-        raise ValueError("opera does not support synced_gpus")
-    if streamer is not None:
-        raise ValueError("opera is a beam search: it cannot stream tokens")
-    if generation_config.do_sample:
-        raise ValueError("opera is a beam search: sampling (do_sample=True) is not supported")
-    if generation_config.num_beams != 1 or generation_config.num_return_sequences != 1:
-        raise ValueError("opera runs its own beams (its num_beams parameter): call generate without num_beams or "
-                         "num_return_sequences")
-    cache = compat.cache_of(model_kwargs)
-    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
-        raise ValueError("opera needs an empty DynamicCache (generate's default cache)")
-    inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-    out = model(**inputs, return_dict=True)
-    kwargs = compat.update_model_kwargs(model, out, model_kwargs)
-    search = BeamSearch(model, method, cache, kwargs, out.logits[:, -1].float(), logits_processor,
-                        stopping_criteria, generation_config)
-    results = [search.run(b, input_ids[b]) for b in range(input_ids.shape[0])]
-    method.last_rollbacks = [r.rollbacks for r in results]
-    method.last_fallbacks = [r.fallbacks for r in results]
-    width = max(len(r.sequence) for r in results)
-    sequences = input_ids.new_full((len(results), width), int(search.fill))
-    for i, r in enumerate(results):
-        sequences[i, : len(r.sequence)] = r.sequence
-    if generation_config.return_dict_in_generate:
-        scores = torch.stack([r.score for r in results]) if generation_config.output_scores else None
-        return compat.beam_output(sequences, scores)
-    return sequences
+class BeamLoop(DecodingLoop):
+    """The strategy's entry: checks generate's settings, runs the joint prefill, then each image's search."""
+
+    def run(self, input_ids, model_kwargs):
+        model, method, config = self.model, self.method, self.config
+        if self.streamer is not None:
+            raise ValueError("opera is a beam search: it cannot stream tokens")
+        if config.do_sample:
+            raise ValueError("opera is a beam search: sampling (do_sample=True) is not supported")
+        if config.num_beams != 1 or config.num_return_sequences != 1:
+            raise ValueError("opera runs its own beams (its num_beams parameter): call generate without num_beams "
+                             "or num_return_sequences")
+        cache = compat.cache_of(model_kwargs)
+        if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
+            raise ValueError("opera needs an empty DynamicCache (generate's default cache)")
+        out, kwargs = self.forward(input_ids, model_kwargs, first=True)
+        search = BeamSearch(model, method, cache, kwargs, out.logits[:, -1].float(), self.logits_processor,
+                            self.stopping_criteria, config)
+        results = [search.run(b, input_ids[b]) for b in range(input_ids.shape[0])]
+        method.last_rollbacks = [r.rollbacks for r in results]
+        method.last_fallbacks = [r.fallbacks for r in results]
+        width = max(len(r.sequence) for r in results)
+        sequences = input_ids.new_full((len(results), width), int(search.fill))
+        for i, r in enumerate(results):
+            sequences[i, : len(r.sequence)] = r.sequence
+        if config.return_dict_in_generate:
+            scores = torch.stack([r.score for r in results]) if config.output_scores else None
+            return compat.beam_output(sequences, scores)
+        return sequences
 
 
 @dataclass
@@ -108,7 +107,7 @@ class BeamSearch:
         self.batch = model._neverfade_engine.batch  # the Batch the prefill started, kept for this cache
         self.processor, self.stopping = logits_processor, stopping_criteria
         self.prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self.prompt_states = {k: v.clone() for k, v in row_states(self.batch, method).items()}
+        self.prompt_states = self.batch.snapshot(leave_out=method.name)
         self.prompt_mask = self.batch.image_mask
         self.prompt_len = self.prompt_mask.shape[1]
         self.kwargs = compat.without_cache(kwargs)
@@ -135,7 +134,7 @@ class BeamSearch:
         zeros = torch.zeros(n, dtype=torch.long, device=prompt_ids.device)
         for layer, (k, v) in zip(self.cache.layers, self.prompt_kv):
             layer.keys, layer.values = k[b:b + 1].expand(n, -1, -1, -1), v[b:b + 1].expand(n, -1, -1, -1)
-        self.set_states({key: s[b:b + 1] for key, s in self.prompt_states.items()}, zeros)
+        self.set_states({name: s.select(index) for name, s in self.prompt_states.items()}, zeros)
         self.stash = [(k.new_empty(n, k.shape[1], max_new, k.shape[3]), v.new_empty(n, v.shape[1], max_new, v.shape[3]))
                       for k, v in self.prompt_kv]
         beams = Beams.start(prompt_ids, n, self.max_length, self.fill)
@@ -146,7 +145,7 @@ class BeamSearch:
         t = 0
         while True:
             del snaps[t:]
-            snaps.append(Snapshot(beams.clone(), history.clone(), {k: s.clone() for k, s in self.states().items()}))
+            snaps.append(Snapshot(beams.clone(), history.clone(), self.batch.snapshot(leave_out=m.name)))
             cand_logits, cands = logits.topk(c, dim=-1)  # (N, C)
             self.gather(torch.arange(n, device=cands.device).repeat_interleave(c))
             next_logits, rows = self.forward(cands.reshape(-1), t)
@@ -281,33 +280,16 @@ class BeamSearch:
 
     def gather(self, index: torch.Tensor) -> None:
         self.cache.reorder_cache(index)
-        self.set_states(self.states(), index)
+        self.set_states(self.batch.sequence_states(leave_out=self.m.name), index)
 
     def truncate(self, length: int) -> None:
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
-    def states(self) -> dict:
-        return row_states(self.batch, self.m)
-
     def set_states(self, states: dict, index: torch.Tensor) -> None:
-        for (name, attr), value in states.items():
-            setattr(self.batch._state[name], attr, value.index_select(0, index))
+        """The other methods' states of `states` (a snapshot), row i taken from row index[i]."""
+        self.batch.restore(states, index)
         self.batch.image_mask = self.image_row.expand(index.shape[0], -1)
-
-
-def row_states(batch, method) -> dict:
-    """Every other method's per-sequence state in the Batch, keyed by (method name, attribute)."""
-    states = {}
-    for name, namespace in batch._state.items():
-        if name == method.name:
-            continue
-        for attr, value in vars(namespace).items():
-            if not (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch.size):
-                raise ParameterError(f"opera cannot make {name}'s state ({attr}) follow its beams: it is not a "
-                                     "per-sequence tensor; use opera without it")
-            states[(name, attr)] = value
-    return states
 
 
 def mode(x: torch.Tensor) -> torch.Tensor:

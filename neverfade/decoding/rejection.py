@@ -34,9 +34,10 @@ def saliencies(logits, candidates, rows, keys, batched=True):
 
 
 class RejectionLoop(DecodingLoop):
-    def __init__(self, method, image_mask, **loop):
-        super().__init__(**loop)
-        self.method = method
+    def start(self, input_ids, model_kwargs):
+        super().start(input_ids, model_kwargs)
+        method = self.method
+        image_mask = input_ids == self.model._neverfade_engine.info.image_token_id
         b = image_mask.shape[0]
         positions = torch.arange(image_mask.shape[1], device=image_mask.device)
         self.after_image = torch.where(image_mask, positions, -1).amax(1) + 1  # (B,) first key after the image
@@ -44,9 +45,9 @@ class RejectionLoop(DecodingLoop):
         self.seen = 0
         self.rejected = 0  # candidates turned down, over the run
 
-    def step_logits(self, input_ids, first):
+    def step_logits(self, input_ids, step):
         with torch.enable_grad():
-            out, self.kwargs = self.forward(input_ids, self.kwargs, first)
+            out, self.kwargs = self.forward(input_ids, self.kwargs, step == 0)
             self.logits = out.logits[:, -1].float()
         self.rows = self.model._neverfade_engine.batch.state(self.method).rows
         return self.logits.detach()
@@ -72,6 +73,9 @@ class RejectionLoop(DecodingLoop):
         self.history[:, self.seen % m.window] = chosen_sal
         self.seen += 1
         return pick
+
+    def finish(self):
+        self.method.last_rejected = self.rejected
 
     def _reject(self, candidates, cand_probs, sal, threshold):
         b = candidates.shape[0]
@@ -101,16 +105,3 @@ def _detach_cache(cache) -> None:
         if getattr(layer, "keys", None) is not None and layer.keys.requires_grad:
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
 
-
-def rejection_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                     streamer=None, *, method, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
-    streamer = streamer or neverfade_streamer  # transformers 5.23 does not pass its own to a custom loop
-    if synced_gpus:
-        raise ValueError("sgrs does not support synced_gpus")
-    engine = model._neverfade_engine
-    image_mask = input_ids == engine.info.image_token_id
-    loop = RejectionLoop(method, image_mask, model=model, logits_processor=logits_processor,
-                         stopping_criteria=stopping_criteria, generation_config=generation_config, streamer=streamer)
-    result = loop.run(input_ids, model_kwargs)
-    method.last_rejected = loop.rejected
-    return result

@@ -1,14 +1,29 @@
-"""The per-batch decoding state the engine shares with methods: tensors, plus the step counter.
+"""The per-batch decoding state the engine shares with methods: the image mask, the step counter, and each method's
+own state.
 
 One Batch per KV cache: a decoding loop with two branches (VCD's noised image, PAI's image-free prompt) has a cache,
-and so a Batch, for each, and every method keeps its per-sequence tensors in the Batch it is called with."""
+and so a Batch, for each, and every method keeps its state in the Batch it is called with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
+
+from neverfade.errors import ParameterError
+
+
+@dataclass
+class SequenceState:
+    """Base of a method's state whose every field is a (B, ...) tensor, one row per sequence: a decoding loop that
+    moves sequences (beam search) reorders it with them."""
+
+    def select(self, index: torch.Tensor) -> "SequenceState":
+        return replace(self, **{f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)})
+
+    def clone(self) -> "SequenceState":
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
 
 
 @dataclass(eq=False)  # identity: a Batch is one running batch
@@ -17,7 +32,7 @@ class Batch:
     step: int = 0  # 0 while the prompt is prefilled; t at decode step t (not advanced by a replayed CUDA graph)
     rows: int = 0  # decode-step attention rows computed for the methods (not advanced by a replayed CUDA graph)
     query_index: torch.Tensor = None  # () long, on the device: the cache index of the newest query token
-    _state: dict[str, SimpleNamespace] = field(default_factory=dict)
+    states: dict[str, Any] = field(default_factory=dict)  # method name -> its State
 
     def __post_init__(self):
         if self.query_index is None:
@@ -31,6 +46,28 @@ class Batch:
     def size(self) -> int:
         return self.image_mask.shape[0]
 
-    def state(self, method) -> SimpleNamespace:
-        """The method's own per-sequence tensors for this batch."""
-        return self._state.setdefault(method.name, SimpleNamespace())
+    def state(self, method) -> Any:
+        """The method's State for this batch."""
+        return self.states[method.name]
+
+    def sequence_states(self, leave_out: str | None = None) -> dict[str, SequenceState]:
+        """Every method's per-sequence state (but `leave_out`'s); refuses state that cannot follow sequences."""
+        for name, state in self.states.items():
+            if name != leave_out and not isinstance(state, SequenceState):
+                kept = ", ".join(vars(state)) if hasattr(state, "__dict__") else type(state).__name__
+                raise ParameterError(f"{leave_out or 'this loop'} cannot make {name}'s state ({kept}) follow its "
+                                     f"beams: it is not per-sequence tensors; use {leave_out or 'it'} without {name}")
+        return {name: s for name, s in self.states.items() if name != leave_out}
+
+    def snapshot(self, leave_out: str | None = None) -> dict[str, SequenceState]:
+        """A copy of `sequence_states`, for `restore`."""
+        return {name: s.clone() for name, s in self.sequence_states(leave_out).items()}
+
+    def restore(self, snapshot: dict[str, SequenceState], index: torch.Tensor) -> None:
+        """Each state in `snapshot`, its rows taken by `index` (rows of the snapshot, one per new sequence)."""
+        for name, state in snapshot.items():
+            self.states[name] = state.select(index)
+
+    def reorder(self, index: torch.Tensor, leave_out: str | None = None) -> None:
+        """Sequence i continues old sequence index[i], for every per-sequence state (but `leave_out`'s)."""
+        self.restore(self.sequence_states(leave_out), index)

@@ -15,7 +15,7 @@ import torch
 from neverfade import compat
 from neverfade.engine import attention
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method
+from neverfade.engine.contract import Method, check_flags
 from neverfade.models.families import ModelInfo, model_info, text_attention_modules
 
 
@@ -27,10 +27,14 @@ class Engine:
         self.info: ModelInfo = model_info(model)
         self.methods = list(methods)
         self.probes = list(probes)
-        # probes watch first; a decoding strategy (SGRS) sees the attention after every other method's reweighting
-        self.hooks = self.probes + sorted(self.methods, key=lambda m: m.strategy is not None)
-        for m in self.hooks:
+        for m in self.methods + self.probes:  # methods first: a probe may read a method's resolved parameters
             m.bind(self.info)
+        self.flags = check_flags(self.methods + self.probes)  # again after binding: refused before any step runs
+        # a probe sees the methods' state after their observe; a decoding strategy (SGRS) sees the attention after
+        # every other method's reweighting
+        self.hooks = ([m for m in self.methods if not self.flags[m].strategy] + self.probes
+                      + [m for m in self.methods if self.flags[m].strategy])
+        self.stepping = [m for m in self.hooks if "begin_step" in m.hooks]
         n = self.info.num_layers
         self.decode_layers = [[m for m in self.hooks if layer in m.decode_layers(n)] for layer in range(n)]
         self.prefill_layers = [[m for m in self.hooks if layer in m.prefill_layers(n)] for layer in range(n)]
@@ -42,9 +46,16 @@ class Engine:
         self._hook = None
         self._previous_impl = None
 
+    @property
+    def strategy(self) -> tuple[str, Method] | None:
+        """(the decoding strategy, the method that owns it), or None for generate's own loop."""
+        return next(((f.strategy, m) for m, f in self.flags.items() if f.strategy), None)
+
     def custom_generate(self):
         """The decoding loop to pass as `generate(custom_generate=...)`, or None for generate's own."""
-        return next((m.decoder() for m in self.methods if m.strategy), None)
+        from neverfade import decoding
+
+        return decoding.custom_generate(*self.strategy) if self.strategy else None
 
     # ---- attaching ----
     def attach(self) -> "Engine":
@@ -91,14 +102,15 @@ class Engine:
             if cache is not None:
                 self._batches[cache] = self.batch
             for m in self.hooks:
-                m.begin_batch(self.batch)
+                if m.State is not None:
+                    self.batch.states[m.name] = m.new_state(self.batch)
             return None
         self.batch = known
         if input_ids.shape[0] != self.batch.size:
             raise RuntimeError("the batch changed size between steps; beam search is not supported")
         self.batch.step += 1
         self.batch.query_index.add_(1)
-        for m in self.hooks:
+        for m in self.stepping:
             m.begin_step(self.batch)
         return None
 
@@ -119,15 +131,14 @@ class Engine:
     @property
     def capturable(self) -> bool:
         """Whether every attached method and probe can run inside a captured decode step."""
-        return all(m.capturable for m in self.hooks)
+        return all(self.flags[m].capturable for m in self.hooks)
 
     # ---- the attention call ----
     def _row_methods(self, layer: int, methods: list[Method]):
         """(key editors acting here, observers, reweighters) among a layer's methods."""
-        editors = tuple(m for m in methods if m.acts_in(layer) and (type(m).key_boost is not Method.key_boost
-                                                                     or type(m).key_scale is not Method.key_scale))
-        observers = [m for m in methods if type(m).observe is not Method.observe]
-        reweighters = [m for m in methods if type(m).reweight is not Method.reweight]
+        editors = tuple(m for m in methods if m.acts_in(layer) and m.hooks & {"key_boost", "key_scale"})
+        observers = [m for m in methods if "observe" in m.hooks]
+        reweighters = [m for m in methods if "reweight" in m.hooks]
         return editors, observers, reweighters
 
     def _edits(self, editors: tuple, keys: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from neverfade.methods import locore, naive, opera, pai, sgrs, sparc, vcd  # noqa: F401  (registers)
+from neverfade.engine.contract import check_flags
 from neverfade.methods.base import METHODS, Method, Param, ParameterError, register
 
 BASELINE = "baseline"
@@ -29,9 +30,7 @@ def build_methods(methods: Iterable[Method | str], params: dict[str, dict[str, A
     names = [m.name for m in built]
     if len(set(names)) != len(names):
         raise ParameterError(f"a method is listed twice: {', '.join(names)}")
-    strategies = [m.name for m in built if m.strategy]
-    if len(strategies) > 1:
-        raise ParameterError(f"{' and '.join(strategies)} each choose tokens their own way; use one of them")
+    check_flags(built)
     if params:
         raise ParameterError(f"parameters given for {', '.join(params)}, which is not among the methods used")
     return built

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import LayerRangeMethod, Param, end_param, register, start_param
+from neverfade.methods.base import Flags, LayerRangeMethod, Param, end_param, register, start_param
 
 
 @register
@@ -26,7 +26,8 @@ class LocoRE(LayerRangeMethod):
         end_param("paper: every layer"),
     )
 
-    capturable = True
+    def flags(self):
+        return Flags(capturable=True)
 
     def key_scale(self, batch: Batch, keys: int) -> torch.Tensor:
         """1 + beta on the `window` generated keys before the newest; the window moves with the device-side

@@ -4,10 +4,17 @@ Applied without renormalisation from the prompt's last position on, in layers [s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from neverfade.engine.batch import Batch
-from neverfade.methods.base import LayerRangeMethod, Param, end_param, per_key, register, start_param
+from neverfade.engine.batch import Batch, SequenceState
+from neverfade.methods.base import Flags, LayerRangeMethod, Param, end_param, per_key, register, start_param
+
+
+@dataclass
+class NaiveState(SequenceState):
+    scale: torch.Tensor  # (B, P) alpha on image keys, 1 elsewhere
 
 
 @register
@@ -21,10 +28,13 @@ class Naive(LayerRangeMethod):
         end_param("our choice: PAI's layers [2, N)"),
     )
 
-    capturable = True
+    State = NaiveState
 
-    def begin_batch(self, batch: Batch) -> None:
-        batch.state(self).scale = torch.where(batch.image_mask, self.alpha, 1.0).float()
+    def flags(self):
+        return Flags(capturable=True)
+
+    def new_state(self, batch: Batch) -> NaiveState:
+        return NaiveState(torch.where(batch.image_mask, self.alpha, 1.0).float())
 
     def key_scale(self, batch: Batch, keys: int) -> torch.Tensor:
         return per_key(batch.state(self).scale, keys)

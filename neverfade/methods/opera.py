@@ -56,21 +56,26 @@ Where the authors' code differs, and what we chose:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, ParameterError, register
+from neverfade.methods.base import Flags, Method, Param, ParameterError, register
 
 SCORE_FACTOR = 1e-7  # the authors' constant in front of the column product
 PENALTY_CAP = 65504.0  # float16's largest value, where the authors' scores saturate
+
+
+@dataclass
+class OperaState:
+    row: torch.Tensor | None = None  # (B, T): the last layer's newest attention row, max over heads
 
 
 @register
 class OPERA(Method):
     name = "opera"
     summary = "Beam search that penalises over-trust in summary tokens and rolls back (OPERA)."
-    strategy = "beam"
     params = (
         Param("num_beams", 5, "beams per image", "paper", type=int, minimum=1),
         Param("candidates", 5, "candidate tokens per beam whose attention is scored", "paper: num_attn_candidates",
@@ -91,6 +96,14 @@ class OPERA(Method):
         super().__init__(**values)
         if not self.scale > 0:
             raise ParameterError(f"scale must be > 0, got {self.scale}")
+
+    State = OperaState
+
+    def flags(self):
+        return Flags(strategy="beam")
+
+    def new_state(self, batch: Batch) -> OperaState:
+        return OperaState()
 
     def bind(self, info):
         super().bind(info)

@@ -12,14 +12,16 @@ For Qwen-VL the image-free prompt keeps the <|vision_start|><|vision_end|> marke
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from neverfade import compat
-from neverfade.engine.batch import Batch
-from neverfade.methods.base import LayerRangeMethod, Param, end_param, per_key, register, start_param
+from neverfade.engine.batch import Batch, SequenceState
+from neverfade.methods.base import Flags, LayerRangeMethod, Param, end_param, per_key, register, start_param
 
-IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "mm_encoder_outputs")
+@dataclass
+class PAIState(SequenceState):
+    boost: torch.Tensor  # (B, P) alpha on image keys, 0 elsewhere
 
 
 @register
@@ -41,40 +43,22 @@ class PAI(LayerRangeMethod):
     def bind(self, info):
         super().bind(info)
         self.image_token_id = info.image_token_id
+        self.family = info.family  # builds the image-free prompt
 
-    @property
-    def strategy(self) -> str | None:  # known from the parameters, so a conflict is refused before any model loads
-        return "contrast" if self.cfg else None
+    State = PAIState
 
-    @property
-    def capturable(self) -> bool:
-        return not self.cfg
+    def flags(self):
+        return Flags(strategy="contrast" if self.cfg else None, capturable=not self.cfg)
 
-    def begin_batch(self, batch: Batch) -> None:
-        batch.state(self).boost = batch.image_mask.float() * self.alpha
+    def new_state(self, batch: Batch) -> PAIState:
+        return PAIState(batch.image_mask.float() * self.alpha)
 
     def key_boost(self, batch: Batch, keys: int) -> torch.Tensor:
         return per_key(batch.state(self).boost, keys, fill=0.0)
 
     # ---- cfg: the image-free branch, run by the contrast loop ----
     def contrast_inputs(self, model, input_ids, model_kwargs, raw_inputs):
-        mask = model_kwargs.get("attention_mask")
-        keep = input_ids != self.image_token_id
-        if mask is not None:
-            keep &= mask.bool()
-        rows = [ids[k] for ids, k in zip(input_ids, keep)]
-        width = max(len(r) for r in rows)
-        pad = model.generation_config.pad_token_id or 0
-        ids = input_ids.new_full((len(rows), width), pad)
-        new_mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):  # left padding, as the main branch has
-            ids[i, width - len(r):] = r
-            new_mask[i, width - len(r):] = 1
-        other = {k: v for k, v in model_kwargs.items() if k not in IMAGE_INPUTS and k != "position_ids"}
-        other["attention_mask"] = new_mask
-        if "position_ids" in model_kwargs:
-            other["position_ids"] = compat.position_ids(model, ids, other)
-        return ids, other
+        return self.family.image_free_inputs(model, input_ids, model_kwargs, self.image_token_id)
 
     def combine(self, logits: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
         cond, uncond = torch.log_softmax(logits, -1), torch.log_softmax(contrast, -1)

@@ -17,19 +17,23 @@ backward (vmap over the K cotangents), falling back to K backward passes where v
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass, field
 
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import LayerRangeMethod, Param, end_param, register, start_param
+from neverfade.methods.base import Flags, LayerRangeMethod, Param, end_param, register, start_param
+
+
+@dataclass
+class SGRSState:
+    rows: list[torch.Tensor] = field(default_factory=list)  # this step's target-layer attention rows, with graphs
 
 
 @register
 class SGRS(LayerRangeMethod):
     name = "sgrs"
     summary = "Reject candidate tokens with low gradient saliency to the text so far (SGRS)."
-    strategy = "rejection"
     params = (
         Param("alpha", 0.6, "accept if saliency >= alpha * recent mean", "paper", minimum=0.0),
         Param("k", 5, "candidates per step (top-k)", "our choice: the paper leaves K open", type=int, minimum=1),
@@ -46,8 +50,13 @@ class SGRS(LayerRangeMethod):
             self.start = info.num_layers // 2
         super().bind(info)
 
-    def begin_batch(self, batch: Batch) -> None:
-        batch.state(self).rows = []
+    State = SGRSState
+
+    def flags(self):
+        return Flags(strategy="rejection")
+
+    def new_state(self, batch: Batch) -> SGRSState:
+        return SGRSState()
 
     def begin_step(self, batch: Batch) -> None:
         batch.state(self).rows = []
@@ -58,8 +67,3 @@ class SGRS(LayerRangeMethod):
                 weights = weights.detach().requires_grad_(True)
             batch.state(self).rows.append(weights)
         return weights
-
-    def decoder(self):
-        from neverfade.decoding.rejection import rejection_decode
-
-        return functools.partial(rejection_decode, method=self)

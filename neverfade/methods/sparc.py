@@ -8,10 +8,19 @@ applied to the attention row (equal to scaling the value vectors, as the authors
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param, end_param, per_key, register, start_param
+from neverfade.engine.batch import Batch, SequenceState
+from neverfade.methods.base import Flags, Method, Param, check_layer_range, end_param, per_key, register, start_param
+
+
+@dataclass
+class SPARCState(SequenceState):
+    ema: torch.Tensor  # (B, P) float32: the EMA of the selection layer's head-averaged attention, zero off the image
+    weight: torch.Tensor  # (B, P) float32: alpha ** times selected
+    pending: torch.Tensor  # (B, P) bool: this step's selection, applied from the next step on
 
 
 @register
@@ -32,30 +41,26 @@ class SPARC(Method):
         start_param(0, "paper: all layers are calibrated"),
         end_param("paper: all layers are calibrated"),
     )
-    keep_selections = False  # set True to record each step's selection (analysis; the decode step is not captured)
+    State = SPARCState
 
-    @property
-    def capturable(self) -> bool:
-        return not self.keep_selections
+    def flags(self):
+        return Flags(capturable=True)
 
     def bind(self, info):
         super().bind(info)
-        self.check_layer_range(info, "layer")
+        check_layer_range(self, info, "layer")
 
     def decode_layers(self, num_layers):
-        return self.layer_range() | {self.layer}
+        return set(range(self.start, self.end + 1)) | {self.layer}
 
     def prefill_layers(self, num_layers):
         return {self.layer}
 
-    def begin_batch(self, batch: Batch) -> None:
+    def new_state(self, batch: Batch) -> SPARCState:
         shape, device = batch.image_mask.shape, batch.image_mask.device
-        state = batch.state(self)
-        state.ema = torch.zeros(shape, dtype=torch.float32, device=device)
-        state.weight = torch.ones(shape, dtype=torch.float32, device=device)  # alpha ** times selected
-        state.pending = torch.zeros(shape, dtype=torch.bool, device=device)  # this step's selection, applied next
-        if self.keep_selections:
-            state.selections = []
+        return SPARCState(ema=torch.zeros(shape, dtype=torch.float32, device=device),
+                          weight=torch.ones(shape, dtype=torch.float32, device=device),
+                          pending=torch.zeros(shape, dtype=torch.bool, device=device))
 
     def begin_step(self, batch: Batch) -> None:
         state = batch.state(self)
@@ -71,15 +76,9 @@ class SPARC(Method):
             rise = (current - state.ema) / torch.where(image, state.ema, 1.0)
             selected = image & (rise >= self.tau)
             state.pending.copy_(selected)
-            if self.keep_selections:
-                state.selections.append(selected)
             state.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
         else:
             state.ema.copy_(current)
-
-    def selections(self, batch: Batch) -> list[torch.Tensor]:
-        """With `keep_selections`: per decode step, the (B, P) bool mask of prompt positions selected at that step."""
-        return getattr(batch.state(self), "selections", [])
 
     def acts_in(self, layer: int) -> bool:
         return self.start <= layer <= self.end

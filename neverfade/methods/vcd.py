@@ -15,10 +15,7 @@ import math
 
 import torch
 
-from neverfade.methods.base import Method, Param, register
-
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")  # what the contrast branch encodes its image from
-
+from neverfade.methods.base import Flags, Method, Param, register
 
 def ddpm_noise(pixels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps under VCD's schedule, t in 0..999 indexed as VCD's code does."""
@@ -32,7 +29,6 @@ def ddpm_noise(pixels: torch.Tensor, step: int, generator: torch.Generator) -> t
 class VCD(Method):
     name = "vcd"
     summary = "Contrast the next-token logits with those for a noised image (VCD)."
-    strategy = "contrast"
     params = (
         Param("alpha", 1.0, "contrast strength: (1 + alpha) l(x, v) - alpha l(x, v')", "paper: VCD's default",
               minimum=0.0),
@@ -43,19 +39,26 @@ class VCD(Method):
         Param("seed", 0, "seed of the noise", "our choice: reproducible runs", type=int, minimum=0),
     )
 
+    def flags(self):
+        return Flags(strategy="contrast")
+
+    def bind(self, info):
+        super().bind(info)
+        self.family = info.family  # what an image is encoded from, and which pixels are whose
+
     def contrast_inputs(self, model, input_ids, model_kwargs, raw_inputs):
         """The same prompt with the noised image; its features are encoded from the pixels in its own prefill."""
         source = raw_inputs if raw_inputs.get("pixel_values") is not None else model_kwargs
         if source.get("pixel_values") is None:
             raise ValueError("vcd needs the pixels: call generate with neverfade_inputs=<the processor's outputs>")
         other = {k: v for k, v in model_kwargs.items() if k != "mm_encoder_outputs"}
-        other.update({k: source[k] for k in IMAGE_KEYS if source.get(k) is not None})
-        other["pixel_values"] = self.noised(source["pixel_values"], source.get("image_grid_thw"))
+        other.update({k: source[k] for k in self.family.image_inputs if source.get(k) is not None})
+        other["pixel_values"] = self.noised(source["pixel_values"], self.family.pixel_split(source))
         return input_ids, other
 
-    def noised(self, pixels: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
-        """Each image noised on its own, with the same seed, so an image gets the same noise in any batch."""
-        sizes = grid.prod(-1).tolist() if grid is not None else [1] * pixels.shape[0]  # Qwen: patches per image
+    def noised(self, pixels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Each image (`sizes`: its leading entries of `pixels`) noised on its own, with the same seed, so an image
+        gets the same noise in any batch."""
         return torch.cat([ddpm_noise(part, self.noise_step, torch.Generator().manual_seed(self.seed))
                           for part in pixels.split(sizes)])
 

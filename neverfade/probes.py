@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from neverfade.engine.batch import Batch
-from neverfade.methods.base import Method, Param
+from neverfade.engine.contract import Method, Param
+from neverfade.errors import ParameterError
+
+
+@dataclass
+class Records:
+    rows: list[torch.Tensor] = field(default_factory=list)  # one record per step: the prefill's, then each decode step's
 
 
 class LayerProbe(Method):
@@ -13,7 +21,7 @@ class LayerProbe(Method):
     decode step. It keeps the batches it saw since the last `take`; the first is the main branch of a two-branch
     loop (VCD, PAI's guidance)."""
 
-    kept = "rows"  # the name of the per-batch list of records in `batch.state(probe)`
+    State = Records
     params = (Param("layer", None, "layer to read, 0-indexed",
                     "our choice: SPARC's selection layer for the family", type=int, minimum=0),)
 
@@ -22,8 +30,6 @@ class LayerProbe(Method):
             self.layer = info.default("sparc", "layer")
         super().bind(info)
         if self.layer >= info.num_layers:
-            from neverfade.methods.base import ParameterError
-
             raise ParameterError(f"attention layer {self.layer} is beyond the model's depth ({info.num_layers})")
         self.batches: list[Batch] = []
 
@@ -33,14 +39,14 @@ class LayerProbe(Method):
     def prefill_layers(self, num_layers):
         return {self.layer}
 
-    def begin_batch(self, batch: Batch) -> None:
-        setattr(batch.state(self), self.kept, [])
+    def new_state(self, batch: Batch) -> Records:
         self.batches.append(batch)
+        return Records()
 
     def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
         if layer == self.layer:
             prompt_attention = probs.mean(dim=(1, 2))[:, : batch.prompt_len]
-            getattr(batch.state(self), self.kept).append(self.record(prompt_attention, batch))
+            batch.state(self).rows.append(self.record(prompt_attention, batch))
 
     def record(self, prompt_attention: torch.Tensor, batch: Batch) -> torch.Tensor:
         """What to keep of one step: `prompt_attention` is (B, P), the head-averaged attention to the prompt."""
@@ -51,7 +57,7 @@ class LayerProbe(Method):
         if not self.batches:
             return None
         batch, self.batches = self.batches[0], []
-        rows = getattr(batch.state(self), self.kept)
+        rows = batch.state(self).rows
         return (batch, torch.stack(rows, dim=1)) if rows else None
 
 
@@ -62,7 +68,6 @@ class ImageAttentionShare(LayerProbe):
 
     name = "image_attention_share"
     summary = "Record the share of attention on image tokens at each step."
-    kept = "shares"
 
     def record(self, prompt_attention, batch):
         return (prompt_attention * batch.image_mask).sum(-1)
@@ -83,3 +88,25 @@ class ImageAttentionMap(LayerProbe):
 
     def record(self, prompt_attention, batch):
         return prompt_attention * batch.image_mask
+
+
+class SparcSelections(LayerProbe):
+    """SPARC's selection at each step: `take_batch()` gives (B, steps, P) bool, the prompt positions selected at the
+    prefill (none) and at each decode step (applied from the step after). Read from SPARC's state after its
+    `observe`; it forces the eager decode path, as every probe does."""
+
+    name = "sparc_selections"
+    summary = "Record the image tokens SPARC selects at each step."
+    params = ()
+
+    def __init__(self, sparc: Method):
+        super().__init__()
+        self.sparc = sparc
+
+    def bind(self, info):
+        self.layer = self.sparc.layer  # bound before the probes
+        super().bind(info)
+
+    def observe(self, layer, probs, batch):
+        if layer == self.layer:
+            batch.state(self).rows.append(batch.state(self.sparc).pending.clone())
