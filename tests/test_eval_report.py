@@ -28,6 +28,16 @@ def test_bootstrap_follows_its_seed():
     assert report.bootstrap(counts, mean_of_first, seed=3) != report.bootstrap(counts, mean_of_first, seed=4)
 
 
+def test_bootstrap_with_a_baseline_is_paired_over_images():
+    counts = np.random.default_rng(0).integers(0, 5, size=(50, 2)).astype(float) + [0, 5]
+    better = counts + [1, 0]  # one more hit on every image: the difference is 50 / (sum of 50 drawn rows' totals)
+    low, high = report.bootstrap(better, mean_of_first, seed=2, baseline=counts)["mean"]
+    assert low < 1 / counts[:, 1].mean() < high and high - low < 0.02  # 0.14 [0.132, 0.148]
+    alone = report.bootstrap(better, mean_of_first, seed=2)["mean"]
+    assert alone[1] - alone[0] > 0.1  # unpaired, the images' spread would swamp it
+    assert report.bootstrap(counts, mean_of_first, baseline=counts) == {"mean": [0.0, 0.0]}
+
+
 def test_draws_are_without_replacement():
     counts = np.array([[1.0, 1.0], [0.0, 1.0]])
     # drawing both of two images without replacement always gives 0.5; with replacement it would not

@@ -26,13 +26,19 @@ def point(counts: np.ndarray, metrics: Metrics) -> dict[str, float]:
     return {name: float(v) for name, v in metrics(np.asarray(counts, float).sum(axis=0)).items()}
 
 
-def bootstrap(counts: np.ndarray, metrics: Metrics, n: int = 1000, seed: int = 0,
-              level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile intervals: images (rows of `counts`) drawn with replacement, `n` times, by `seed`."""
+def bootstrap(counts: np.ndarray, metrics: Metrics, n: int = 1000, seed: int = 0, level: float = 0.95,
+              baseline: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Percentile intervals: images (rows of `counts`) drawn with replacement, `n` times, by `seed`. With
+    `baseline` (another method's counts of the same images, row for row), the intervals are of the paired
+    difference metrics(counts) - metrics(baseline), both on the same draws."""
     counts = np.asarray(counts, float)
     rows = len(counts)
-    weights = np.random.default_rng(seed).multinomial(rows, np.full(rows, 1 / rows), size=n)
+    picks = np.random.default_rng(seed).integers(0, rows, size=(n, rows))
+    weights = np.bincount((picks + rows * np.arange(n)[:, None]).ravel(), minlength=n * rows).reshape(n, rows)
     values = metrics(weights @ counts)
+    if baseline is not None:
+        base = metrics(weights @ np.asarray(baseline, float))
+        values = {name: v - base[name] for name, v in values.items()}
     tail = (1 - level) / 2 * 100
     return {name: [float(q) for q in np.percentile(v, [tail, 100 - tail])] for name, v in values.items()}
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from neverfade.eval import report
+
 from .vocab import mentioned_objects
 
 METRICS = ("precision", "recall", "f1", "chair_i", "chair_s", "words")
@@ -38,43 +40,39 @@ def scene_metrics(captions: Sequence[str], scenes: Sequence) -> dict:
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes")
     per_caption = [caption_counts(c, set(s.kinds)) for c, s in zip(captions, scenes)]
-    return {**_rates(_count_table(per_caption, scenes)), "n": len(captions), "per_caption": per_caption}
+    rates = _rates(_count_table(per_caption, scenes).sum(axis=0))
+    return {**{k: float(v) for k, v in rates.items()}, "n": len(captions), "per_caption": per_caption}
 
 
 def _count_table(per_caption, scenes) -> np.ndarray:
-    """One row per caption: mentioned, hallucinated, correct, present, has hallucination, words."""
+    """One row per caption: mentioned, hallucinated, correct, present, has hallucination, words, 1 (the caption)."""
     return np.array([[len(p["mentioned"]), len(p["hallucinated"]), len(p["mentioned"]) - len(p["hallucinated"]),
-                      len(s.kinds), bool(p["hallucinated"]), p["words"]] for p, s in zip(per_caption, scenes)],
-                    dtype=float).reshape(-1, 6)
+                      len(s.kinds), bool(p["hallucinated"]), p["words"], 1] for p, s in zip(per_caption, scenes)],
+                    dtype=float).reshape(-1, 7)
 
 
-def _rates(table: np.ndarray) -> dict:
-    """Pooled rates from count rows; `table` may carry leading batch axes (bootstrap replicates)."""
-    mentioned, hallucinated, correct, present, any_hall, words = np.moveaxis(table, -1, 0)
-    n_mentioned = mentioned.sum(-1)
-    chair_i = np.where(n_mentioned > 0, hallucinated.sum(-1) / np.maximum(n_mentioned, 1), 0.0)
+def _rates(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """Pooled rates from the count table's column sums (..., 7)."""
+    mentioned, hallucinated, correct, present, any_hall, words, n = np.moveaxis(sums, -1, 0)
+    chair_i = np.where(mentioned > 0, hallucinated / np.maximum(mentioned, 1), 0.0)
     precision = 1.0 - chair_i
-    recall = correct.sum(-1) / np.maximum(present.sum(-1), 1)
+    recall = correct / np.maximum(present, 1)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-    out = {"precision": precision, "recall": recall, "f1": f1, "chair_i": chair_i,
-           "chair_s": any_hall.mean(-1), "words": words.mean(-1)}
-    return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}
+    return {"precision": precision, "recall": recall, "f1": f1, "chair_i": chair_i, "chair_s": any_hall / n,
+            "words": words / n}
+
+
+def _table(captions: Sequence[str], scenes: Sequence) -> np.ndarray:
+    return _count_table([caption_counts(c, set(s.kinds)) for c, s in zip(captions, scenes)], scenes)
 
 
 def bootstrap_ci(captions: Sequence[str], scenes: Sequence, *, baseline: Sequence[str] | None = None,
                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals over scenes (resampled with replacement, numpy seed `seed`) for each metric.
+    """Percentile bootstrap intervals over scenes for each metric (`neverfade.eval.report.bootstrap`).
 
     With `baseline` (captions of the same scenes by another method), the intervals are for the paired difference
     metric(captions) - metric(baseline), both computed on the same resampled scenes.
     """
-    rng = np.random.default_rng(seed)
-    table = _count_table([caption_counts(c, set(s.kinds)) for c, s in zip(captions, scenes)], scenes)
-    picks = rng.integers(0, len(table), size=(n_boot, len(table)))
-    replicates = _rates(table[picks])
-    if baseline is not None:
-        base = _count_table([caption_counts(c, set(s.kinds)) for c, s in zip(baseline, scenes)], scenes)
-        base_replicates = _rates(base[picks])
-        replicates = {k: v - base_replicates[k] for k, v in replicates.items()}
-    tail = (1 - level) / 2 * 100
-    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in replicates.items()}
+    ci = report.bootstrap(_table(captions, scenes), _rates, n=n_boot, seed=seed, level=level,
+                          baseline=None if baseline is None else _table(baseline, scenes))
+    return {name: (low, high) for name, (low, high) in ci.items()}
