@@ -26,11 +26,10 @@ CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_f
     else "past_key_values"
 _CACHE_NAMES = ("cache", "past_key_values")
 
-# the per-step inputs prepare_inputs_for_generation makes at a decode step, besides input_ids, the cache and the mask:
+# the per-step inputs prepare_inputs_for_generation makes at a decode step in any family, besides input_ids, the cache
+# and the mask (a family adds its own: `Family.step_advancing`, `Family.step_constant`):
 STEP_ADVANCING = ("position_ids", "cache_position")  # +1 per step
-# the same at every step; image metadata some releases keep passing after the prefill, unused there
-STEP_CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict",
-                 "image_grid_thw", "video_grid_thw", "image_sizes", "second_per_grid_ts")
+STEP_CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict")  # the same
 
 
 class UnsupportedTransformers(CannotAct):

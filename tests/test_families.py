@@ -1,11 +1,16 @@
-"""Per-family defaults against the paper's values (typed in from the paper, not produced by the code)."""
+"""Per-family defaults against the paper's values (typed in from the paper, not produced by the code), and the
+family adapters: every family keeps the contract, and a family is found from its one module."""
 
 import json
+import sys
+from types import SimpleNamespace
 
 import pytest
 
 from neverfade.cli import main
-from neverfade.models.families import FAMILIES, ModelInfo
+from neverfade.models import families as family_package
+from neverfade.models.families import FAMILIES, ModelInfo, check_supported, families
+from neverfade.models.family import Family, register
 
 PAPER = {  # SPARC paper, section 5.1
     "LlavaForConditionalGeneration": (20, 1.5, 32),
@@ -37,3 +42,106 @@ def test_qwen25_is_marked_unvalidated_and_listed(capsys):
     assert params["tau"]["per_family"] == {"llava-1.5": 1.5, "llava-next": 4.0, "qwen2-vl": 3.0, "qwen2.5-vl": 3.0}
     assert params["alpha"]["default"] == 1.1 and params["beta"]["default"] == 0.1
     assert "unvalidated" in params["tau"]["source"]
+
+
+def test_every_family_keeps_the_adapter_contract():
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from conftest import make_images
+    from neverfade.methods import METHODS
+
+    found = families()
+    assert len({f.name for f in found}) == len({f.random_name for f in found}) == len(found) >= 4
+    for family in found:
+        assert family.architectures and all(hasattr(transformers, a) for a in family.architectures), family.name
+        assert family.paper_layers > 0 and "pixel_values" in family.image_inputs
+        for method, defaults in family.method_defaults.items():
+            assert set(defaults) <= {p.name for p in METHODS[method].params}, (family.name, method)
+        assert family.unvalidated <= set(family.method_defaults)
+        config, processor = family.random_parts("tiny")
+        assert MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[config.model_type] in family.architectures
+        image = make_images()[1]
+        inputs = processor(text=[processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+            add_generation_prompt=True)], images=[image], return_tensors="pt")
+        count = int((inputs["input_ids"] == config.image_token_id).sum())
+        grid = family.token_grid(config, inputs, count)
+        assert grid is not None and grid.index.max() < count and grid.rows * grid.cols <= count, family.name
+        assert sum(family.pixel_split(inputs)) == inputs["pixel_values"].shape[0]
+        assert family.model_view(image, processor).size[0] <= image.size[0]
+
+
+FAKE = """
+import numpy as np
+
+from neverfade.models.family import Family, TokenGrid, register
+
+
+@register
+class FakeVL(Family):
+    architectures = ("FakeVLForConditionalGeneration",)
+    name = "fake-vl"
+    random_name = "fake_vl"
+    paper_layers = 16
+    method_defaults = {"sparc": {"layer": 8, "tau": 2.5}}
+
+    def token_grid(self, config, inputs, count):
+        return TokenGrid(1, count, np.arange(count), "fake-vl: one row")
+
+    def random_parts(self, size):
+        raise NotImplementedError("fake-vl has no random model")
+"""
+
+
+@pytest.fixture
+def registry_restored():
+    kept = dict(FAMILIES)
+    yield
+    FAMILIES.clear()
+    FAMILIES.update(kept)
+    sys.modules.pop(f"{family_package.__name__}.fake_vl", None)
+
+
+def test_a_family_is_one_module_in_the_families_package(tmp_path, monkeypatch, capsys, registry_restored):
+    from neverfade.analysis.grid import token_grid
+    from neverfade.models.random import random_model
+
+    assert "FakeVLForConditionalGeneration" not in FAMILIES
+    (tmp_path / "fake_vl.py").write_text(FAKE)
+    monkeypatch.setattr(family_package, "__path__", [*family_package.__path__, str(tmp_path)])
+    family_package.discover()
+    fake = check_supported(SimpleNamespace(architectures=["FakeVLForConditionalGeneration"]))
+    assert fake.name == "fake-vl" and fake in families()
+    assert ModelInfo(fake, 32, 0).default("sparc", "layer") == 16
+    model = type("FakeVLForConditionalGeneration", (), {"config": None})()
+    assert token_grid(model, {}, 6).note == "fake-vl: one row"
+    with pytest.raises(NotImplementedError, match="fake-vl has no random model"):
+        random_model("fake_vl")
+    assert main(["methods", "--json"]) == 0
+    sparc = {m["name"]: m for m in json.loads(capsys.readouterr().out)}["sparc"]
+    assert {p["name"]: p for p in sparc["params"]}["tau"]["per_family"]["fake-vl"] == 2.5
+
+
+def test_register_refuses_an_incomplete_or_taken_family(registry_restored):
+    class NoGrid(Family):
+        architectures, name, random_name, paper_layers = ("NoGridModel",), "no-grid", "no_grid", 8
+
+        def random_parts(self, size):
+            return None, None
+
+    class Unnamed(Family):
+        architectures, random_name, paper_layers = ("UnnamedModel",), "unnamed", 8
+        token_grid = random_parts = NoGrid.random_parts
+
+    class Taken(Unnamed):
+        architectures, name = ("LlavaForConditionalGeneration",), "taken"
+
+    with pytest.raises(TypeError, match="token_grid"):
+        register(NoGrid)
+    with pytest.raises(TypeError, match="does not declare name"):
+        register(Unnamed)
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration already belongs to llava-1.5"):
+        register(Taken)
+    assert {"NoGridModel", "UnnamedModel"}.isdisjoint(FAMILIES) and FAMILIES["LlavaForConditionalGeneration"].name \
+        == "llava-1.5"
