@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from neverfade.data.items import Item
+from neverfade.paths import cache_dir
 
 
 def sample_scene_items(count: int) -> list[Item]:
@@ -14,7 +15,7 @@ def sample_scene_items(count: int) -> list[Item]:
 
     if not 1 <= count <= len(HELD_OUT_SEEDS):
         raise ValueError(f"--samples must be between 1 and {len(HELD_OUT_SEEDS)}, got {count}")
-    folder = Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade")) / "scenes" / _generator_hash()
+    folder = cache_dir() / "scenes" / _generator_hash()
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for seed in HELD_OUT_SEEDS[:count]:

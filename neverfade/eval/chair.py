@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from neverfade import paths
 from neverfade.data import coco
 from neverfade.data.coco import AnnotationError
 from neverfade.eval import chair_words, report
@@ -52,8 +52,7 @@ def metrics(sums: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade"))
+default_cache_dir = paths.cache_dir  # the name the eval command uses
 
 
 def annotation_files(annotations_dir: str | Path) -> list[Path]:
