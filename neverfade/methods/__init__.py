@@ -1,12 +1,19 @@
-"""Methods, registered by name. Importing this package registers every built-in method."""
+"""Methods, registered by name. Importing this package imports every module beside it, and each registers its
+method: adding a method is adding one file here (see docs/architecture.md)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Iterable
 
-from neverfade.methods import locore, naive, opera, pai, sgrs, sparc, vcd  # noqa: F401  (registers)
 from neverfade.engine.contract import check_flags
 from neverfade.methods.base import METHODS, Method, Param, ParameterError, register
+
+SHARED = {"base", "spec"}  # modules here that hold no method
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in SHARED:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 BASELINE = "baseline"
 
