@@ -1,4 +1,5 @@
-"""The `neverfade` command line: each subcommand lives in its own module exposing `add_parser(subparsers)`."""
+"""The `neverfade` command line: each subcommand lives in its own module in neverfade/commands, exposing
+`add_parser(subparsers)`. The library (everything outside commands/ and this file) never imports them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from neverfade.errors import CannotAct, UserError
 SUBCOMMANDS = {
     "caption": ("neverfade.commands.caption", "describe images with the chosen methods"),
     "methods": ("neverfade.commands.methods", "list the methods with their parameters and defaults"),
-    "eval": ("neverfade.eval.cli", "score captions: CHAIR, POPE, CLAIR"),
+    "eval": ("neverfade.commands.eval", "score captions: CHAIR, POPE, CLAIR"),
     "bench": ("neverfade.commands.bench", "time decoding with each method against the baseline"),
     "analyze": ("neverfade.commands.analyze", "attention over the caption, SPARC's selections, saliency maps"),
     "demo": ("neverfade.commands.demo", "a local page comparing methods on your images"),
@@ -31,7 +32,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     for name, (module_name, help_line) in SUBCOMMANDS.items():
         if argv is None or name == named:
-            importlib.import_module(module_name).add_parser(sub)
+            add = importlib.import_module(module_name).add_parser
+            if add.__code__.co_argcount > 1:  # subcommands of its own (eval): it builds the one the rest names
+                add(sub, None if argv is None else argv[argv.index(name) + 1:])
+            else:
+                add(sub)
         else:
             sub.add_parser(name, help=help_line)
     return parser

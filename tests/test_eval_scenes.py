@@ -63,7 +63,7 @@ def test_rerun_resumes_without_captioning_again(report, capsys):
 
 
 def test_run_specs_carry_values():
-    from neverfade.eval.scenes import parse_run
+    from neverfade.methods.spec import parse_run
     from neverfade.methods import ParameterError
 
     assert parse_run("sparc:tau=8,alpha=1.2+locore", {"locore": {"beta": 0.3}}) == (

@@ -49,10 +49,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
+    from neverfade.commands.options import check_device, method_settings
     from neverfade.errors import UserError
-    from neverfade.commands.options import check_device
     from neverfade.eval.report import write_json
-    from neverfade.eval.scenes import parse_run
 
     if args.new_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise UserError("--new-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
@@ -60,10 +59,9 @@ def run(args) -> int:
     check_device(device)
     models = args.model or (["random:llava:7b", "random:qwen2_vl:7b"] if device.startswith("cuda")
                             else ["random:llava"])
-    settings = [("baseline", [], {})]
-    for spec in args.method or DEFAULT_METHODS:
-        names, params = parse_run(spec, {})
-        settings.append((spec, names, params))
+    specs = args.method or DEFAULT_METHODS
+    settings = [("baseline", [], {})] + [(spec, names, params) for spec, (names, params)
+                                         in zip(specs, method_settings(args, specs, "--method"))]
     report = {"environment": environment(device), "new_tokens": args.new_tokens, "image_size": args.image_size,
               "rows": [], "checks": []}
     for model_name in models:

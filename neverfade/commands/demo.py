@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from neverfade.commands.options import (add_method_options, add_model_options, check_prompt_room, load_captioner,
-                                        method_choice)
+                                        method_sugar)
 
 
 def add_parser(subparsers) -> None:
@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
         description="Serve a page on 127.0.0.1 where you upload or pick an image, choose methods, and watch the "
                     "captions stream side by side, with object words marked right or wrong on the synthetic scenes "
                     "and a heatmap of where SPARC reinforced attention while each word was written. Method "
-                    "parameter flags (e.g. --sparc-tau 8) apply whenever that method is chosen on the page.")
+                    "parameter flags (e.g. --sparc-tau 8) apply whenever that method is chosen on the page; a "
+                    "setting the page asks for may also carry values (sparc:tau=8+locore), which must agree with "
+                    "the flags.")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free port)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or not 1 <= args.samples <= 64 or args.max_upload_mb <= 0:
         raise UserError("--max-new-tokens must be at least 1, --samples 1..64, --max-upload-mb above 0")
-    _, params = method_choice(args)
+    params = method_sugar(args)
     try:
         for name, values in params.items():
             build_methods([name], {name: values})

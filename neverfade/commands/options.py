@@ -32,8 +32,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     group = parser.add_argument_group("methods", "Repeat --method to compose methods; each has its own parameters.")
     if with_method:
-        group.add_argument("--method", action="append", default=[], metavar="NAME",
-                           help=f"a method to attach: {', '.join([BASELINE, *METHODS])} (repeatable; default baseline)")
+        group.add_argument("--method", action="append", default=[], metavar="SPEC",
+                           help=f"a method to attach: {', '.join([BASELINE, *METHODS])}, with optional values after "
+                                f"':' (sparc:tau=8,alpha=1.2); methods joined by '+' or repeated compose "
+                                f"(sparc:tau=8+locore); default baseline")
     for method in METHODS.values():
         for p in method.params:
             default = "model family's" if p.default is None else p.default
@@ -46,14 +48,47 @@ def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True
                                    help=text)
 
 
-def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The methods named with --method and the parameter values given for them."""
+def method_sugar(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The values given as --<method>-<parameter> flags."""
     params: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if key.startswith("param__") and value is not None:
             _, method, name = key.split("__", 2)
             params.setdefault(method, {})[name] = value
-    return list(getattr(args, "method", None) or []) or [BASELINE], params
+    return params
+
+
+def method_choice(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The methods of every --method SPEC, composed, with the flags' values merged in (names, parameters). Flags of
+    a method not chosen stay in the parameters, for build_methods to refuse."""
+    from neverfade.errors import UserError
+    from neverfade.methods import ParameterError
+    from neverfade.methods.spec import parse_spec, setting
+
+    sugar = method_sugar(args)
+    try:
+        names, params = setting(parse_spec("+".join(getattr(args, "method", None) or []) or BASELINE, sugar))
+    except ParameterError as err:
+        raise UserError(str(err)) from None
+    return names, {**{m: v for m, v in sugar.items() if m not in names}, **params}
+
+
+def method_settings(args: argparse.Namespace, specs: list[str], option: str) -> list[tuple[list[str], dict]]:
+    """(names, parameters) per method setting SPEC (each its own run), the flags' values merged into each setting
+    that names their method; a flag no setting uses is refused. `option` names the specs' option in errors."""
+    from neverfade.errors import UserError
+    from neverfade.methods import ParameterError
+    from neverfade.methods.spec import parse_spec, setting
+
+    sugar = method_sugar(args)
+    try:
+        settings = [setting(parse_spec(spec, sugar)) for spec in specs]
+        unused = set(sugar) - {m for names, _ in settings for m in names}
+        if unused:
+            raise ParameterError(f"parameters given for {', '.join(sorted(unused))}, which no {option} uses")
+    except ParameterError as err:
+        raise UserError(str(err)) from None
+    return settings
 
 
 def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str, dict[str, Any]]):

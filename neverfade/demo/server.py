@@ -3,7 +3,8 @@
     GET  /                      the page (static/index.html, app.js, style.css)
     GET  /api/info              the model, the methods, the samples
     GET  /api/samples/<id>.png  a held-out synthetic scene
-    POST /api/caption?methods=baseline,sparc+locore[&sample=<id>]
+    POST /api/caption?methods=baseline,sparc:tau=8+locore[&sample=<id>]
+                                method settings as on the command line (neverfade.methods.spec), one pane each;
                                 body: the image file's bytes (none with `sample`); answers a stream of JSON lines
                                 (demo.stream), or a 4xx with {"error": "..."} for a bad request
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import threading
 import traceback
@@ -56,19 +58,21 @@ class DemoApp:
                 "max_upload_mb": self.max_upload / MB, "methods": [BASELINE, *METHODS],
                 "samples": [{"id": s, "url": f"/api/samples/{s}.png"} for s in self.samples]}
 
-    def settings(self, spec: str) -> list[tuple[str, list[str], dict]]:
-        """"baseline,sparc+locore" -> one (label, names, parameters) per pane; a bad method is a 400."""
+    def settings(self, text: str) -> list[tuple[str, list[str], dict]]:
+        """"baseline,sparc:tau=8+locore" (method settings as the command line writes them, separated by commas) ->
+        one (label, names, parameters) per pane, the command line's method flags merged in; a bad setting is a 400."""
         from neverfade.methods import ParameterError, build_methods
+        from neverfade.methods.spec import format_spec, parse_spec, setting, split_list
 
         settings = []
-        for label in [s.strip() for s in spec.split(",") if s.strip()]:
-            names = label.replace("+", " ").split()  # "+" arrives as a space when the query is not encoded
-            params = {n: dict(self.method_params[n]) for n in names if n in self.method_params}
+        for spec in split_list(text):
+            spec = re.sub(r"[\s+]+", "+", spec)  # "+" arrives as a space when the query is not encoded
             try:
+                names, params = setting(parse_spec(spec, self.method_params))
                 build_methods(names, params)
+                settings.append((format_spec(parse_spec(spec)), names, params))
             except ParameterError as err:
                 raise RequestError(400, str(err)) from None
-            settings.append(("+".join(names), names, params))
         if not settings:
             raise RequestError(400, "choose at least one method")
         return settings

@@ -8,5 +8,5 @@
                    clair.AnswerCache("judge.jsonl"))
 
 Each evaluate/score returns a JSON-ready dict: "overall" metrics (fractions), "ci" (95% bootstrap intervals over
-images), and per-caption details. The command line is `neverfade eval chair | pope | clair` (eval/cli.py).
+images), and per-caption details. The command line is `neverfade eval chair | pope | clair` (commands/eval.py).
 """

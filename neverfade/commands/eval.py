@@ -1,40 +1,47 @@
-"""`neverfade eval chair | pope | clair`: metrics on caption files, printed as tables and written as JSON.
+"""`neverfade eval chair | pope | clair | manifest | scenes`: metrics on caption files, printed as tables and
+written as JSON. The metrics themselves are library code in neverfade.eval; this is their command line.
 
-Each eval subcommand is registered in EVAL_COMMANDS as "module" (exposing add_parser(eval_subparsers)) or
-"module:function"; a module not built yet is skipped, as in neverfade.cli.
+Each eval subcommand is registered in EVAL_COMMANDS, name -> ("module" exposing add_parser(eval_subparsers), or
+"module:function"; one line of help), and only the one named is built, as in neverfade.cli; a module not built yet is
+skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 EVAL_COMMANDS = {
-    "chair": "neverfade.eval.cli:add_chair",
-    "pope": "neverfade.eval.cli:add_pope",
-    "clair": "neverfade.eval.cli:add_clair",
-    "manifest": "neverfade.eval.cli:add_manifest",
-    "scenes": "neverfade.eval.scenes",
+    "chair": ("neverfade.commands.eval:add_chair",
+              "CHAIRs, CHAIRi, recall, precision, F1 against COCO 2014 annotations"),
+    "pope": ("neverfade.commands.eval:add_pope", "POPE: build question sets, answer them, score answers"),
+    "clair": ("neverfade.commands.eval:add_clair", "CLAIR: an LLM judge compares captions with reference descriptions"),
+    "manifest": ("neverfade.commands.eval:add_manifest",
+                 "write a manifest of COCO, IIW-400 or DOCCI images for `neverfade caption`"),
+    "scenes": ("neverfade.commands.eval_scenes", "exact object precision/recall on held-out synthetic scenes"),
 }
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers, argv: list[str] | None = None) -> None:
+    """The eval parser, with the full options of the metric `argv` (the arguments after `eval`) names, of every
+    metric when `argv` is None."""
     parser = subparsers.add_parser("eval", help="score captions: CHAIR, POPE, CLAIR",
                                    description="Score captions with CHAIR, POPE or CLAIR.")
     eval_subparsers = parser.add_subparsers(dest="metric", required=True, metavar="METRIC")
-    for target in EVAL_COMMANDS.values():
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for name, (target, help_line) in EVAL_COMMANDS.items():
         module_name, _, function = target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
+        if importlib.util.find_spec(module_name) is None:
             continue
-        getattr(module, function or "add_parser")(eval_subparsers)
+        if argv is None or name == named:
+            getattr(importlib.import_module(module_name), function or "add_parser")(eval_subparsers)
+        else:
+            eval_subparsers.add_parser(name, help=help_line)
 
 
 def _user_error(message: str):
@@ -109,7 +116,7 @@ def _score_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 def add_chair(eval_subparsers) -> None:
     parser = eval_subparsers.add_parser(
-        "chair", help="CHAIRs, CHAIRi, recall, precision, F1 against COCO 2014 annotations",
+        "chair", help=EVAL_COMMANDS["chair"][1],
         description="CHAIR of COCO captions (ids = COCO image ids). --coco is the folder holding "
                     "instances_val2014.json and captions_val2014.json (and the train2014 pair, used when present).")
     _score_arguments(parser, "caption files from `neverfade caption`")
@@ -140,7 +147,7 @@ def run_chair(args) -> int:
 # --- POPE --------------------------------------------------------------------------------------------------------
 
 def add_pope(eval_subparsers) -> None:
-    parser = eval_subparsers.add_parser("pope", help="POPE: build question sets, answer them, score answers",
+    parser = eval_subparsers.add_parser("pope", help=EVAL_COMMANDS["pope"][1],
                                         description="POPE object-probing questions.")
     actions = parser.add_subparsers(dest="pope_action", required=True, metavar="ACTION")
 
@@ -248,7 +255,7 @@ def run_pope_score(args) -> int:
 
 def add_clair(eval_subparsers) -> None:
     parser = eval_subparsers.add_parser(
-        "clair", help="CLAIR: an LLM judge compares captions with reference descriptions",
+        "clair", help=EVAL_COMMANDS["clair"][1],
         description="CLAIR through an OpenAI-compatible chat-completions endpoint. Judge answers are cached, so an "
                     "interrupted run resumes without asking again.")
     _score_arguments(parser, "caption files from `neverfade caption`")
@@ -290,7 +297,7 @@ def run_clair(args) -> int:
 
 def add_manifest(eval_subparsers) -> None:
     parser = eval_subparsers.add_parser(
-        "manifest", help="write a manifest of COCO, IIW-400 or DOCCI images for `neverfade caption`",
+        "manifest", help=EVAL_COMMANDS["manifest"][1],
         description="Write a JSONL manifest ({\"id\", \"image\"} a line, absolute paths) of a dataset's images, "
                     "so that `neverfade caption MANIFEST` describes them under the ids the metrics expect.")
     parser.add_argument("dataset", choices=["coco", "iiw", "docci"])
