@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         for item in items:
             load_image(item.image)
         names, params = method_choice(args)
-        if any(m.strategy == "beam" for m in build_methods(names, params)):
+        if any(m.flags().strategy == "beam" for m in build_methods(names, params)):
             raise UserError("attention diagnostics cannot follow beam search (opera); analyze the other methods")
     except (InputError, ImageError, ParameterError, ValueError) as err:
         raise UserError(str(err)) from None

@@ -213,8 +213,8 @@ def state_floats_per_image_token(captioner) -> dict[str, float]:
     image_tokens = int(batch.image_mask.sum())
     out = {}
     for m in engine.methods:
-        state = batch._state.get(m.name)
-        tensors = [v for v in vars(state).values() if isinstance(v, torch.Tensor)] if state else []
+        state = batch.states.get(m.name)
+        tensors = [v for v in vars(state).values() if isinstance(v, torch.Tensor)] if state is not None else []
         if tensors:
             out[m.name] = round(sum(t.numel() * t.element_size() for t in tensors) / 4 / image_tokens, 3)
     return out
