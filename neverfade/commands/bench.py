@@ -192,7 +192,7 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
     path = captioner.decode_path()
     captioner.model._neverfade_last_loop = None
     ms = (total - prefill) / (new_tokens - 1) * 1000
-    row = {"path": path, "ms_per_token": round(ms, 3), "tokens_per_s": round(batch_size * 1000 / ms, 1),
+    row = {"path": path, "ms_per_token": round(ms, 3), "tokens_per_s": float(f"{batch_size * 1000 / ms:.4g}"),
            "prefill_s": round(prefill, 4)}
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
