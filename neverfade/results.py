@@ -13,10 +13,13 @@ again (an error retried, an item changed): the file then holds one record per (i
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from neverfade.jsonl import BadLine, parse_lines
 
 RECORD_KEYS = ("id", "run")
 
@@ -30,30 +33,34 @@ class Locked(OSError):
 
 
 def read_records(path: str | Path, keys: tuple[str, ...] = RECORD_KEYS) -> list[dict[str, Any]]:
-    """Every complete record; a torn last line (unterminated, beginning like a record) is ignored. Raises
-    NotResults for anything else: a line that is not a JSON object holding `keys`, or a last line that is not torn."""
+    """Every complete record, read by neverfade.jsonl's policy (a torn last line is ignored with a warning); a whole
+    record short of its newline is left out too, as ResultsFile cuts it off and the run writes it again. Raises
+    NotResults for anything else: a line that is not a JSON object holding `keys`, or a last line that does not
+    begin like one."""
     path = Path(path)
     if not path.exists():
         return []
     if path.is_dir():
         raise NotResults(f"{path} is a folder, not a results file")
-    lines = path.read_bytes().split(b"\n")
+    data = path.read_bytes()
+    last = data.count(b"\n") + 1  # the number of the part after the last newline, blank when the file ends in one
+
+    def refuse(number: int) -> NotResults:
+        return NotResults(f"{path}:{number}: not a neverfade results record (a JSON object with "
+                          f"{', '.join(repr(k) for k in keys)}); refusing to write to this file")
+
+    tail = data[data.rfind(b"\n") + 1:].lstrip()
+    if tail and not tail.startswith(b"{"):
+        raise refuse(last)
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        torn = number == len(lines)  # the part after the last newline
-        try:
-            record = json.loads(line)
-        except ValueError:  # not JSON, or not UTF-8 text
-            if torn and line.startswith(b"{"):
-                continue  # a record cut short by a kill
-            record = None
-        if not (isinstance(record, dict) and all(k in record for k in keys)):
-            raise NotResults(f"{path}:{number}: not a neverfade results record (a JSON object with "
-                             f"{', '.join(repr(k) for k in keys)}); refusing to write to this file")
-        if not torn:  # a whole record without its newline is written again
-            records.append(record)
+    try:
+        for number, record in parse_lines(io.BytesIO(data), path):
+            if not (isinstance(record, dict) and all(k in record for k in keys)):
+                raise refuse(number)
+            if number != last:
+                records.append(record)
+    except BadLine as err:
+        raise refuse(err.number) from None
     return records
 
 

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from neverfade.errors import UserError
+from neverfade import jsonl
 from neverfade.data.items import Item
+from neverfade.errors import UserError
 
 
 class AnnotationError(UserError):
@@ -39,25 +40,18 @@ def read_json(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any
     return data
 
 
-def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line of a JSONL file; AnnotationError on a bad line, except, with
-    `torn_tail_ok`, an unparsable last line with no newline (what a killed writer leaves), which is skipped."""
-    path = Path(path)
-    if not path.is_file():
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each line, by neverfade.jsonl's policy (a torn last line is ignored with a
+    warning); AnnotationError for a missing file, a line that is not JSON and one that is not a JSON object."""
+    if not Path(path).is_file():
         raise AnnotationError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                if torn_tail_ok and not line.endswith("\n"):
-                    return
-                raise AnnotationError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    try:
+        for number, record in jsonl.read_jsonl(path):
             if not isinstance(record, dict):
                 raise AnnotationError(f"{path}: line {number} is not a JSON object")
             yield number, record
+    except jsonl.BadLine as err:
+        raise AnnotationError(f"{path}: line {err.number} is {err.why}") from None
 
 
 def _entries(path: Path, data: dict, key: str, read: Callable[[dict], Any]) -> Iterator[Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from neverfade.data.items import Item
+from neverfade.jsonl import BadLine, read_jsonl
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".jsonl", ".json"}
@@ -43,18 +44,15 @@ def read_items(source: str | Path) -> list[Item]:
 
 
 def read_manifest(path: Path) -> list[Item]:
-    """A JSONL manifest: one object per line with `image` (a path, relative to the manifest's folder),
-    optional `id` (default: the image path) and optional `prompt`; other fields are kept in `meta`."""
+    """A JSONL manifest (read by neverfade.jsonl's policy): one object per line with `image` (a path, relative to
+    the manifest's folder), optional `id` (default: the image path) and optional `prompt`; other fields are kept in
+    `meta`."""
     items, seen = [], set()
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InputError(f"{path}:{number}: not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    try:
+        records = list(read_jsonl(path))  # a torn last line is ignored with a warning
+    except BadLine as err:
+        raise InputError(str(err)) from None
+    for number, record in records:
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise InputError(f"{path}:{number}: each line needs an \"image\" field with a path")
         image = record.pop("image")

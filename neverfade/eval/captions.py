@@ -3,7 +3,7 @@
 A record needs "id" and "caption"; "error", "run", "image", "model" and "methods" are read when present. One file
 may hold several runs (method settings, e.g. with --vs-baseline); each is scored on its own. A record with an error
 or a null caption is skipped by every metric (counted). When an id repeats within a run (a retried image), its last
-successful record counts. A torn last line (a killed run) is ignored.
+successful record counts. A torn last line (a killed run) is ignored with a warning (neverfade.jsonl).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def method_label(methods: list | None) -> str:
 def load_runs(path: str | Path) -> list[Captions]:
     """One Captions per run in the file, in order of first appearance."""
     runs: dict[str | None, Captions] = {}
-    for number, record in read_jsonl(path, torn_tail_ok=True):
+    for number, record in read_jsonl(path):
         if "id" not in record:
             raise AnnotationError(f"{path}: line {number} has no 'id' field")
         run = runs.setdefault(record.get("run"), Captions(str(path), {}, run=record.get("run")))

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from neverfade import jsonl
 from neverfade.data.coco import AnnotationError, read_jsonl
 from neverfade.errors import UserError
 from neverfade.eval import report
@@ -140,20 +141,30 @@ class Judge:
 
 
 class AnswerCache:
-    """Judge answers by (model, prompt, try), kept in an append-only JSONL file; a torn last line is ignored."""
+    """Judge answers by (model, prompt, try), kept in an append-only JSONL file, read by neverfade.jsonl's policy: a
+    torn last line (a killed run) is ignored with a warning and cut off before anything is appended; any other bad
+    line is a UserError naming it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.answers: dict[str, str] = {}
         self._lock = threading.Lock()
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        self.answers[record["key"]] = record["answer"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue
+        if not self.path.is_file():
+            return
+        number = 0
+        for number, record in jsonl.read_jsonl(self.path):
+            if not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                    and isinstance(record.get("answer"), str)):
+                raise UserError(f"{self.path}:{number}: not a judge answer (a JSON object with 'key' and 'answer')")
+            self.answers[record["key"]] = record["answer"]
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a torn tail is cut off; a whole answer short of its newline gets it
+            with open(self.path, "r+b") as f:
+                if number == data.count(b"\n") + 1:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                else:
+                    f.truncate(data.rfind(b"\n") + 1)
 
     @staticmethod
     def key(model: str, prompt: str, attempt: int) -> str:
