@@ -12,12 +12,14 @@ again (an error retried, an item changed): the file then holds one record per (i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from neverfade.jsonl import BadLine, parse_lines
 
@@ -71,7 +73,7 @@ def lock(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        f = open(path, "ab")
+        f = open(path, "ab")  # noqa: SIM115 (returned to the caller, who holds the lock while it is open)
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,7 +138,7 @@ class ResultsFile:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "ResultsFile":
+    def __enter__(self) -> ResultsFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,10 +199,8 @@ def merge_parts(out: str | Path, order: Callable[[dict[str, Any]], Any],
     _fsync_folder(out.parent)
     for path in parts:
         path.unlink()
-    try:
+    with contextlib.suppress(OSError):  # something else lives there; leave it
         parts_folder(out).rmdir()
-    except OSError:  # something else lives there; leave it
-        pass
     return len(merged)
 
 

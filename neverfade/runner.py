@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from neverfade.data.images import ImageError, load_image
 from neverfade.data.items import Item

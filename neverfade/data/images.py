@@ -65,7 +65,7 @@ def read_manifest(path: Path) -> list[Item]:
             raise InputError(f"{path}:{number}: \"prompt\" must be a text, got {json.dumps(prompt)}")
         if prompt is not None and not prompt.strip():
             raise InputError(f"{path}:{number}: empty prompt")
-        items.append(Item(id=item_id, image=str((path.parent / image)), prompt=prompt, meta=record))
+        items.append(Item(id=item_id, image=str(path.parent / image), prompt=prompt, meta=record))
     if not items:
         raise InputError(f"{path}: the manifest lists no images")
     return items

@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from neverfade.data import coco
-from neverfade.data.images import load_image
 from neverfade.data.coco import AnnotationError
+from neverfade.data.images import load_image
 from neverfade.eval import report
 
 STRATEGIES = ("random", "popular", "adversarial")

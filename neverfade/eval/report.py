@@ -76,7 +76,10 @@ def table(results: dict[str, dict], columns: list[tuple[str, str, bool]]) -> str
                 "[" + ", ".join(format_value(x, p) for x in ci[k]) + "]" if k in ci else "" for k, _, p in columns
             ])
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines])
 
 
