@@ -91,7 +91,7 @@ def unpack(folder: Path, device="cpu") -> tuple[dict, dict]:
     for file in sorted(folder.glob("part*/weights.safetensors")):
         with safe_open(str(file), "pt", device=str(device)) as f:
             types = json.loads(f.metadata()["types"])
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 state[name] = dequantise(f.get_tensor(name), types[name])
     config = json.loads((folder / "config.json").read_text())
     if len(state) != len(types):

