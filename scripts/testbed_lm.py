@@ -1,6 +1,6 @@
 """SmolLM2's weights for a machine without `gguf`: the GGUF's quantised blocks, repacked into safetensors parts.
 
-    python scripts/testbed_lm.py pack .tb/lm      # here: two parts of at most 48.5 MB, config, tokenizer, a check
+    python scripts/testbed_lm.py pack .tb/lm [MB]      # here: parts of at most MB (default 48.5) megabytes
 
 A GPU machine that cannot install `gguf` (and takes at most 64 MiB a call) gets the language model as the GGUF's
 own Q4_1/Q8_0 blocks (raw bytes, rows of q and k reordered as transformers' GGUF loader does), dequantised there by
@@ -102,9 +102,9 @@ def unpack(folder: Path, device="cpu") -> tuple[dict, dict]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["pack"]:
         target = Path(sys.argv[2])
-        pack(target)
-        if len(sys.argv) > 3:  # a reference state dict (torch.save of transformers' own load) to compare with
-            ref = torch.load(sys.argv[3])
+        pack(target, int(float(sys.argv[3]) * 1e6) if len(sys.argv) > 3 else 48_500_000)
+        if len(sys.argv) > 4:  # a reference state dict (torch.save of transformers' own load) to compare with
+            ref = torch.load(sys.argv[4])
             mine, _ = unpack(target)
             worst = max(float((mine[k] - ref[k]).abs().max()) for k in mine)
             print(f"largest difference from transformers' dequantisation: {worst}")
