@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "methods": ("neverfade.commands.methods", "list the methods with their parameters and defaults"),
     "eval": ("neverfade.commands.eval", "score captions: CHAIR, POPE, CLAIR"),
     "bench": ("neverfade.commands.bench", "time decoding with each method against the baseline"),
+    "tune": ("neverfade.commands.tune", "search a method's parameters for a model; writes a params file"),
     "analyze": ("neverfade.commands.analyze", "attention over the caption, SPARC's selections, saliency maps"),
     "demo": ("neverfade.commands.demo", "a local page comparing methods on your images"),
 }
@@ -42,7 +43,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-DATA_PARALLEL = ("caption",)  # the subcommands that shard their work under torchrun
+DATA_PARALLEL = ("caption", "tune")  # the subcommands that shard their work under torchrun
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--method", action="append", default=None, metavar="SPEC",
                    help="a method setting to time against the baseline, e.g. sparc, sparc:tau=2+locore "
                         "(repeatable; default: " + ", ".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--params", metavar="FILE",
+                   help="a params file written by neverfade tune: its method setting is the one timed (a --method "
+                        "given too must be the same setting)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B", help="default: 1 8 32")
     p.add_argument("--new-tokens", type=int, default=512, help="forced caption length (default: 512)")
     p.add_argument("--image-size", type=int, default=336, help="side of the square image, in pixels (default: 336)")
@@ -49,7 +52,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from neverfade.commands.options import check_device, method_settings
+    from neverfade.commands.options import check_device, method_settings, params_setting
     from neverfade.errors import UserError
     from neverfade.eval.report import write_json
 
@@ -59,7 +62,8 @@ def run(args) -> int:
     check_device(device)
     models = args.model or (["random:llava:7b", "random:qwen2_vl:7b"] if device.startswith("cuda")
                             else ["random:llava"])
-    specs = args.method or DEFAULT_METHODS
+    tuned = params_setting(args, args.method or [])
+    specs = [tuned] if tuned else args.method or DEFAULT_METHODS
     settings = [("baseline", [], {})] + [(spec, names, params) for spec, (names, params)
                                          in zip(specs, method_settings(args, specs, "--method"))]
     report = {"environment": environment(device), "new_tokens": args.new_tokens, "image_size": args.image_size,

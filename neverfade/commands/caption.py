@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from neverfade import distributed
-from neverfade.commands.options import (add_method_options, add_model_options, check_prompt_room, load_captioner,
-                                        method_choice)
+from neverfade.commands.options import (add_method_options, add_model_options, add_params_option, check_prompt_room,
+                                        load_captioner, method_choice, params_setting)
 from neverfade.distributed import Ranks
 from neverfade.results import Locked, ResultsFile, lock, merge_parts, part_files, part_path, read_records
 from neverfade.runner import caption_items, errors_left, input_order, item_score, prepare_runs
@@ -51,6 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--show", action="store_true", help="print captions even when writing --out")
     add_model_options(p)
     add_method_options(p)
+    add_params_option(p)
     p.set_defaults(func=run)
 
 
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either INPUT or --samples N")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty")
+    spec = params_setting(args, ["+".join(args.method)] if args.method else [])
+    if spec is not None:
+        args.method = [spec]
     try:
         items = sample_scene_items(args.samples) if args.samples is not None else read_items(args.input)
         if args.input and len(items) == 1 and not args.input.endswith((".jsonl", ".json")):

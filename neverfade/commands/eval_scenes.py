@@ -11,7 +11,7 @@ from neverfade.eval.scenes import DEFAULT_RUNS
 
 def add_parser(eval_subparsers) -> None:
     from neverfade.commands.eval import EVAL_COMMANDS
-    from neverfade.commands.options import add_method_options, add_model_options
+    from neverfade.commands.options import add_method_options, add_model_options, add_params_option
 
     p = eval_subparsers.add_parser(
         "scenes", help=EVAL_COMMANDS["scenes"][1],
@@ -30,6 +30,7 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     add_model_options(p)
     add_method_options(p, with_method=False)
+    add_params_option(p, "its method setting is evaluated too (beside the --run settings, or the baseline)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neverfade.api import DEFAULT_PROMPT
-    from neverfade.commands.options import load_captioner, method_settings
+    from neverfade.commands.options import load_captioner, method_settings, params_setting
     from neverfade.data.samples import sample_scene_items
     from neverfade.errors import UserError
     from neverfade.eval.report import write_json
@@ -49,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("n", "max_new_tokens", "batch_size", "bootstrap"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    specs = args.run or list(DEFAULT_RUNS)
+    tuned = params_setting(args, [], "--run")
+    specs = args.run or (["baseline"] if tuned else list(DEFAULT_RUNS))
+    if tuned is not None and tuned not in specs:
+        specs.append(tuned)
     settings = method_settings(args, specs, "--run")
     try:
         for names, p in settings:

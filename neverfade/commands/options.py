@@ -91,6 +91,44 @@ def method_settings(args: argparse.Namespace, specs: list[str], option: str) -> 
     return settings
 
 
+def add_params_option(parser: argparse.ArgumentParser, what: str = "its method setting") -> None:
+    parser.add_argument("--params", metavar="FILE",
+                        help=f"a params file written by neverfade tune: {what}, and its model when --model is not "
+                             "given; a --method given too must be the same setting")
+
+
+def params_setting(args: argparse.Namespace, given: list[str], option: str = "--method") -> str | None:
+    """The method setting of --params FILE (None without it). A setting in `given` (what `option` says) that is not
+    the file's is refused with one line. The file's model becomes --model when none is given; another --model is
+    used, with a warning."""
+    from neverfade.errors import UserError
+    from neverfade.methods import ParameterError
+    from neverfade.methods.spec import parse_spec, setting
+    from neverfade.tune import read_params
+
+    if not getattr(args, "params", None):
+        return None
+    try:
+        data = read_params(args.params)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    spec = data["method"]
+    for text in given:
+        try:
+            same = setting(parse_spec(text)) == setting(parse_spec(spec))
+        except ParameterError as err:
+            raise UserError(str(err)) from None
+        if not same:
+            raise UserError(f"{option} {text} conflicts with --params {args.params} ({spec}); give one of them")
+    if isinstance(getattr(args, "model", []), (str, type(None))):
+        if args.model is None:
+            args.model = data.get("model")
+        elif args.model != data.get("model"):
+            print(f"warning: --params {args.params} was tuned on {data.get('model_name') or data.get('model')}, "
+                  f"not {args.model}", file=sys.stderr)
+    return spec
+
+
 def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str, dict[str, Any]]):
     """The model named by --model with the methods attached; load problems become one-line user errors."""
     from neverfade.api import load
