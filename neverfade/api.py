@@ -299,6 +299,10 @@ def resolve_model(model: str | Path | None) -> tuple[str, str]:
 
         return default_model()
     model = str(model)
+    if model == "testbed":
+        from neverfade.models.testbed import testbed_model_path
+
+        return str(testbed_model_path()), "neverfade-testbed"
     if model.startswith("random:"):
         from neverfade.models.random import cached_random
 

