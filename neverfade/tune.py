@@ -12,8 +12,9 @@ unless ":log"; a bare name takes the derived range). Values given in the method'
 
 Splits. Scenes: the test split is held-out seeds 0.. (`HELD_OUT_SEEDS`, as `neverfade eval scenes` uses); the dev
 split is seeds 10_000.. (`DEV_SEEDS`), which are neither held out nor trained on (the embedded model trained on
-seeds >= 1_000_000 and its tokenizer on 997_000..999_999; the testbed on seeds >= 2_000_000). COCO: a manifest per
-split and the 2014 annotation folder, scored by CHAIR (`neverfade.eval.chair`).
+seeds >= 1_000_000 and its tokenizer on 997_000..999_999; the testbed on seeds >= 2_000_000). The testbed's scenes
+come from the hard world (`scenes/hard.py`), the others' from the default one. COCO: a manifest per split and the
+2014 annotation folder, scored by CHAIR (`neverfade.eval.chair`).
 """
 
 from __future__ import annotations
@@ -129,10 +130,12 @@ def parse_space(text: str, method: str, info, fixed: dict[str, Any] | None = Non
                 raise ParameterError(f"--space {entry!r}: {err}") from None
             scale = parts[2] if len(parts) == 3 else "linear"
             if low > high or (scale == "log" and low <= 0):
-                raise ParameterError(f"--space {entry!r}: need LOW <= HIGH{' and LOW > 0 for log' if scale == 'log' else ''}")
+                need = "LOW <= HIGH" + (" and LOW > 0" if scale == "log" else "")
+                raise ParameterError(f"--space {entry!r}: need {need}")
             axis = Axis(name, low, high, scale, axis.integer, axis.default)
         if name in LAYER_PARAMS and axis.high > info.num_layers - 1:
-            raise ParameterError(f"--space {entry!r}: the model has {info.num_layers} layers (0..{info.num_layers - 1})")
+            raise ParameterError(f"--space {entry!r}: the model has {info.num_layers} layers "
+                                 f"(0..{info.num_layers - 1})")
         axes.append(axis)
     if not axes:
         raise ParameterError(f"--space {text!r}: no parameter to search")
@@ -203,16 +206,18 @@ def select(scores: list[dict[str, float]], metric: str) -> int:
 # ---- splits: the items to describe and how their captions are scored ----
 
 class SceneSplit:
-    """Synthetic scenes of the given seeds, scored exactly (`neverfade.scenes.metrics`)."""
+    """Synthetic scenes of the given seeds in a world ("default": `make_scene`; "hard": `make_hard_scene`, the
+    testbed's), scored exactly (`neverfade.scenes.metrics`)."""
 
     kind = "scenes"
 
-    def __init__(self, seeds: range):
-        self.seeds = seeds
-        self.items = scene_items(seeds)
+    def __init__(self, seeds: range, world: str = "default"):
+        self.seeds, self.world = seeds, world
+        self.items = scene_items(seeds, world)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seeds": f"{self.seeds.start}..{self.seeds.stop - 1}", "n": len(self.items)}
+        return {"kind": self.kind, "world": self.world, "seeds": f"{self.seeds.start}..{self.seeds.stop - 1}",
+                "n": len(self.items)}
 
     def point(self, items, captions: list[str]) -> dict[str, float]:
         from neverfade.scenes import scene_metrics
@@ -260,7 +265,8 @@ class CocoSplit:
         self._vocabulary = vocabulary
         rows = []
         for item, caption in zip(items, captions):
-            s = chair.score_caption(vocabulary, caption, self.truth.objects[chair.image_id(item.id, {"image": item.image})])
+            truth = self.truth.objects[chair.image_id(item.id, {"image": item.image})]
+            s = chair.score_caption(vocabulary, caption, truth)
             rows.append([1, s["CHAIRs"], len(s["mentioned"]), len(s["hallucinated"]), len(s["gt"]), len(s["recalled"]),
                          s["words"]])
         return np.array(rows, float).reshape(-1, 7)
@@ -278,20 +284,22 @@ class CocoSplit:
         return {self.NAMES[k]: v for k, v in ci.items()}
 
 
-def scene_items(seeds: range):
+def scene_items(seeds: range, world: str = "default"):
     """Items for the scenes of `seeds`, rendered once into the cache folder (as `data.samples` renders its own),
     with their objects in `meta`."""
     from neverfade.data.items import Item
     from neverfade.data.samples import _generator_hash
     from neverfade.paths import cache_dir
     from neverfade.scenes import make_scene
+    from neverfade.scenes.hard import make_hard_scene
 
+    make = {"default": make_scene, "hard": make_hard_scene}[world]
     folder = cache_dir() / "scenes" / _generator_hash()
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for seed in seeds:
-        scene = make_scene(seed)
-        path = folder / f"scene-{seed:05d}.png"
+        scene = make(seed)
+        path = folder / f"{'hard-' if world == 'hard' else ''}scene-{seed:05d}.png"
         if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.png")
             scene.image.save(tmp)

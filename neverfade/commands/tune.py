@@ -41,6 +41,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dev-manifest", help="COCO: manifest of the dev images (neverfade eval manifest)")
     p.add_argument("--test-manifest", help="COCO: manifest of the test images, disjoint from the dev ones")
     p.add_argument("--annotations", help="COCO: folder of the 2014 annotation files (as neverfade eval chair)")
+    p.add_argument("--world", choices=["default", "hard"],
+                   help="scene world: hard (scenes/hard.py) for --model testbed, default otherwise")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
     p.add_argument("--out", help="output folder (default tune-<method>)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -51,7 +53,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neverfade import distributed, tune
+    from neverfade import distributed
     from neverfade.commands.options import check_device
     from neverfade.distributed import Ranks
     from neverfade.errors import UserError
@@ -114,7 +116,9 @@ def _splits(args):
                                ("--test-scenes", args.test_scenes, HELD_OUT_SEEDS)):
         if not 1 <= count <= len(seeds):
             raise ValueError(f"{name} must be between 1 and {len(seeds)}, got {count}")
-    return tune.SceneSplit(tune.DEV_SEEDS[:args.dev_scenes]), tune.SceneSplit(HELD_OUT_SEEDS[:args.test_scenes])
+    args.world = args.world or ("hard" if args.model == "testbed" else "default")
+    return (tune.SceneSplit(tune.DEV_SEEDS[:args.dev_scenes], args.world),
+            tune.SceneSplit(HELD_OUT_SEEDS[:args.test_scenes], args.world))
 
 
 def _open_results(out: Path, ranks):
@@ -247,7 +251,9 @@ def _setting(spec: str):
 
 def _where(split) -> str:
     d = split.describe()
-    return f"{d['n']} scenes (seeds {d['seeds']})" if d["kind"] == "scenes" else f"{d['n']} images of {d['manifest']}"
+    if d["kind"] == "scenes":
+        return f"{d['n']} {d['world']} scenes (seeds {d['seeds']})"
+    return f"{d['n']} images of {d['manifest']}"
 
 
 def _command(args) -> str:
@@ -260,7 +266,7 @@ def _command(args) -> str:
         if value is not None:
             words += [flag, value]
     if not args.dev_manifest:
-        words += ["--dev-scenes", args.dev_scenes, "--test-scenes", args.test_scenes]
+        words += ["--dev-scenes", args.dev_scenes, "--test-scenes", args.test_scenes, "--world", args.world]
     if args.paper:
         words.append("--paper")
     return shlex.join(str(w) for w in words)
