@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from neverfade.eval import report
+from neverfade import stats
 
 from .vocab import mentioned_objects
 
@@ -68,11 +68,11 @@ def _table(captions: Sequence[str], scenes: Sequence) -> np.ndarray:
 
 def bootstrap_ci(captions: Sequence[str], scenes: Sequence, *, baseline: Sequence[str] | None = None,
                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals over scenes for each metric (`neverfade.eval.report.bootstrap`).
+    """Percentile bootstrap intervals over scenes for each metric (`neverfade.stats.bootstrap`).
 
     With `baseline` (captions of the same scenes by another method), the intervals are for the paired difference
     metric(captions) - metric(baseline), both computed on the same resampled scenes.
     """
-    ci = report.bootstrap(_table(captions, scenes), _rates, n=n_boot, seed=seed, level=level,
+    ci = stats.bootstrap(_table(captions, scenes), _rates, n=n_boot, seed=seed, level=level,
                           baseline=None if baseline is None else _table(baseline, scenes))
     return {name: (low, high) for name, (low, high) in ci.items()}
