@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 
+import neverfade
 from neverfade.errors import CannotAct, UserError
 
 # subcommand -> (module exposing add_parser(subparsers), one line of help). Only the command named is imported, so
@@ -29,6 +30,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="neverfade",
         description="Make vision-language models describe images more precisely and more completely.",
     )
+    parser.add_argument("--version", action="version", version=f"neverfade {neverfade.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     for name, (module_name, help_line) in SUBCOMMANDS.items():

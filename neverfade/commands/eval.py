@@ -273,13 +273,14 @@ def add_clair(eval_subparsers) -> None:
 
 
 def run_clair(args) -> int:
-    from neverfade.eval import captions, chair, clair
+    from neverfade import paths
+    from neverfade.eval import captions, clair
 
     if not args.judge_url.startswith(("http://", "https://")):
         raise _user_error(f"--judge-url {args.judge_url!r}: expected an http:// or https:// URL")
     judge = clair.Judge(args.judge_url, args.judge_model, api_key=os.environ.get(args.key_env),
                         timeout=args.timeout, retries=args.retries)
-    cache = clair.AnswerCache(args.cache or chair.default_cache_dir() / "clair" / "judge-answers.jsonl")
+    cache = clair.AnswerCache(args.cache or paths.cache_dir() / "clair" / "judge-answers.jsonl")
     references = []
 
     def compute(path: str) -> list[dict[str, Any]]:

@@ -85,7 +85,9 @@ def cached_random(family: str) -> Path:
     """A tiny random model of `family`, built once into the user's cache directory."""
     import os
 
-    root = Path(os.environ.get("NEVERFADE_CACHE", Path.home() / ".cache" / "neverfade")) / "random"
+    from neverfade.paths import cache_dir
+
+    root = cache_dir() / "random"
     path = root / f"{family}-tiny"
     if not (path / "config.json").exists():
         tmp = root / f".{family}-tiny.{os.getpid()}"
