@@ -252,3 +252,28 @@ def test_bad_tune_arguments_are_one_line_errors(tmp_path, capsys):
         assert main(["tune", *args, "--out", str(tmp_path / "t")]) == 2
         assert words in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_two_ranks_deal_the_trials_and_give_the_records_and_choice_of_one_process(tuned, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", "localhost:0", "-m", "neverfade", *ARGS, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 1 of 2: 1 of 3 (setting, batch) pairs left" in proc.stderr  # dev: one of the three settings
+    assert "rank 1 of 2: 1 of 2 (setting, batch) pairs left" in proc.stderr  # test: the baseline or the tuned one
+
+    def essentials(folder):
+        return sorted((r["id"], r["run"], r["caption"]) for r in read_records(folder / "captions.jsonl"))
+
+    assert essentials(out) == essentials(tuned.out)
+    assert not (out / "captions.jsonl.parts").exists()  # merged
+    two = json.loads((out / "params.json").read_text())
+    assert {k: two[k] for k in ("method", "values", "dev", "test")} == {k: tuned.params[k]
+                                                                       for k in ("method", "values", "dev", "test")}

@@ -169,6 +169,8 @@ def _describe(captioner, items, runs, results, args, ranks) -> None:
     batches = [items[i:i + size] for i in range(0, len(items), size)]
     left = [(run, batch) for run in runs for batch in batches
             if any((rec := best.get((it.id, run.id))) is None or not is_for(rec, it) for it in batch)]
+    print(f"rank {ranks.rank} of {ranks.world_size}: {len(left[ranks.rank::ranks.world_size])} of {len(left)} "
+          f"(setting, batch) pairs left", file=sys.stderr)
     for run in runs:
         mine = [it for k, (r, batch) in enumerate(left) if r is run and k % ranks.world_size == ranks.rank
                 for it in batch]
