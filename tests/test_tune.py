@@ -129,6 +129,32 @@ def test_selection_takes_the_best_dev_trial_by_the_metric():
     assert n == 2 and scores[0]["f1"] == pytest.approx(0.495)
 
 
+def test_coco_split_scores_by_chair_and_the_manifests_must_be_disjoint(tmp_path, monkeypatch, capsys):
+    from eval_fixtures import write_coco, write_jsonl
+    from test_eval_chair import CAPTIONS, TRAIN, VAL
+
+    from neverfade.eval.chair import GroundTruth
+
+    monkeypatch.setenv("NEVERFADE_CACHE", str(tmp_path / "cache"))
+    root = write_coco(tmp_path / "ann", VAL)
+    write_coco(root, TRAIN, split="train")
+    scored = [c for c in CAPTIONS if c["caption"]]
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"id": c["id"], "image": f"{c['id']}.jpg"} for c in scored])
+    split = tune.CocoSplit(str(dev), GroundTruth.from_coco(root))
+    captions = [c["caption"] for c in scored]
+    point = split.point(split.items, captions)  # the values test_eval_chair checked by hand
+    assert point["chair_s"] == pytest.approx(3 / 5) and point["chair_i"] == pytest.approx(4 / 14)
+    assert point["recall"] == pytest.approx(10 / 11) and point["f1"] == pytest.approx(0.8)
+    assert set(split.interval(split.items, captions, captions, 50)["f1"]) == {0.0}  # paired with itself
+    test = write_jsonl(tmp_path / "test.jsonl", [{"id": "3", "image": "3.jpg"}])
+    args = ["tune", "--method", "sparc", "--annotations", str(root), "--out", str(tmp_path / "t")]
+    assert main([*args, "--dev-manifest", str(dev), "--test-manifest", str(test)]) == 2
+    assert "share 1 image(s)" in capsys.readouterr().err
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"id": "77", "image": "77.jpg"}])
+    assert main([*args, "--dev-manifest", str(dev), "--test-manifest", str(unknown)]) == 2
+    assert "absent from the annotations" in capsys.readouterr().err
+
+
 # ---- end to end on the embedded model, interrupted once ----
 
 ARGS = ["tune", "--method", "sparc:beta=0.2", "--space", "tau=2:32:log", "--budget", "2", "--dev-scenes", "4",
