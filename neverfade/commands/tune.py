@@ -18,12 +18,13 @@ def add_parser(subparsers) -> None:
         "tune", help="search a method's parameters for a model on dev scenes, confirm on test scenes",
         description="Search a method's parameters on a dev split, choose the best setting by --metric there, then "
                     "describe the test split with it and with the baseline and report the paired difference with a "
-                    "95%% bootstrap interval over images. Scenes: dev = seeds 10000..10000+N-1 (never trained on, "
-                    "never held out), test = held-out seeds 0..N-1 (as neverfade eval scenes). COCO: --dev-manifest, "
-                    "--test-manifest and --annotations instead. Writes OUT/params.json, which caption, eval scenes "
-                    "and bench take with --params, and OUT/captions.jsonl (every trial's captions; a rerun resumes "
-                    "without describing anything twice). Under torchrun the (trial, batch) pairs are dealt to the "
-                    "ranks. Default spaces: " + "; ".join(f"{m}: {s}" for m, s in DEFAULT_SPACES.items()) + ".")
+                    "95% bootstrap interval over images. Scenes: dev = seeds 10000..10000+N-1 (never trained on, "
+                    "never held out), test = held-out seeds 0..N-1 (as neverfade eval scenes); --model testbed gets "
+                    "scenes of its hard world. COCO: --dev-manifest, --test-manifest and --annotations instead. "
+                    "Writes OUT/params.json, which caption, eval scenes and bench take with --params, and "
+                    "OUT/captions.jsonl (every trial's captions; a rerun resumes without describing anything "
+                    "twice). Under torchrun the (setting, batch) pairs are dealt to the ranks. Default spaces: "
+                    + "; ".join(f"{m}: {s}" for m, s in DEFAULT_SPACES.items()) + ".")
     p.add_argument("--method", required=True, metavar="SPEC",
                    help="the method to tune; values given here (sparc:beta=0.2) are held fixed")
     p.add_argument("--budget", type=int, default=8, help="settings tried, the same for every method (default 8)")
