@@ -272,14 +272,16 @@ class CocoSplit:
         return np.array(rows, float).reshape(-1, 7)
 
     def point(self, items, captions: list[str]) -> dict[str, float]:
-        from neverfade.eval import chair, report
+        from neverfade import stats
+        from neverfade.eval import chair
 
-        return {self.NAMES[k]: v for k, v in report.point(self._counts(items, captions), chair.metrics).items()}
+        return {self.NAMES[k]: v for k, v in stats.point(self._counts(items, captions), chair.metrics).items()}
 
     def interval(self, items, captions: list[str], baseline: list[str] | None, n_boot: int) -> dict:
-        from neverfade.eval import chair, report
+        from neverfade import stats
+        from neverfade.eval import chair
 
-        ci = report.bootstrap(self._counts(items, captions), chair.metrics, n=n_boot,
+        ci = stats.bootstrap(self._counts(items, captions), chair.metrics, n=n_boot,
                               baseline=None if baseline is None else self._counts(items, baseline))
         return {self.NAMES[k]: v for k, v in ci.items()}
 
