@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +212,8 @@ class SceneSplit:
 
     def __init__(self, seeds: range, world: str = "default"):
         self.seeds, self.world = seeds, world
+        from neverfade.data.samples import scene_items
+
         self.items = scene_items(seeds, world)
 
     def describe(self) -> dict[str, Any]:
@@ -285,29 +286,6 @@ class CocoSplit:
                               baseline=None if baseline is None else self._counts(items, baseline))
         return {self.NAMES[k]: v for k, v in ci.items()}
 
-
-def scene_items(seeds: range, world: str = "default"):
-    """Items for the scenes of `seeds`, rendered once into the cache folder (as `data.samples` renders its own),
-    with their objects in `meta`."""
-    from neverfade.data.items import Item
-    from neverfade.data.samples import _generator_hash
-    from neverfade.paths import cache_dir
-    from neverfade.scenes import make_scene
-    from neverfade.scenes.hard import make_hard_scene
-
-    make = {"default": make_scene, "hard": make_hard_scene}[world]
-    folder = cache_dir() / "scenes" / _generator_hash()
-    folder.mkdir(parents=True, exist_ok=True)
-    items = []
-    for seed in seeds:
-        scene = make(seed)
-        path = folder / f"{'hard-' if world == 'hard' else ''}scene-{seed:05d}.png"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.png")
-            scene.image.save(tmp)
-            tmp.replace(path)
-        items.append(Item(id=f"scene-{seed:05d}", image=str(path), meta={"objects": sorted(scene.kinds)}))
-    return items
 
 
 # ---- scoring the captions of runs on a split ----

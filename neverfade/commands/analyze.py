@@ -7,7 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from neverfade.commands.options import add_method_options, add_model_options, load_captioner, method_choice
+from neverfade.commands.options import (
+    add_method_options,
+    add_model_options,
+    add_world_option,
+    load_captioner,
+    method_choice,
+    scene_world,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -22,6 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--samples", type=int, metavar="N", help="analyze N held-out synthetic scenes instead of INPUT "
                                                             "(their objects are known: saliency plots say which "
                                                             "object words are hallucinated)")
+    add_world_option(p)
     p.add_argument("--out", default="analysis", help="output folder (default: ./analysis)")
     p.add_argument("--vs-baseline", action="store_true", help="also analyze the baseline (no methods), for comparison")
     p.add_argument("--layer", type=int, default=None,
@@ -44,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from neverfade.analysis.report import write_report
     from neverfade.analysis.run import analyze_setting, parse_saliency_tokens
     from neverfade.api import DEFAULT_PROMPT
-    from neverfade.errors import UserError
     from neverfade.data.images import ImageError, InputError, load_image, read_items
     from neverfade.data.samples import sample_scene_items
+    from neverfade.errors import UserError
     from neverfade.methods import ParameterError, build_methods
 
     try:
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.samples is None):
         raise UserError("give either INPUT or --samples N")
     try:
-        items = sample_scene_items(args.samples) if args.samples is not None else read_items(args.input)
+        items = sample_scene_items(args.samples, scene_world(args)) if args.samples is not None else read_items(args.input)
         for item in items:
             load_image(item.image)
         names, params = method_choice(args)

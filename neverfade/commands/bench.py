@@ -88,10 +88,9 @@ def run(args) -> int:
 
 
 def _load(model_name, device, dtype):
-    from neverfade.errors import UserError
-    from neverfade.commands.options import quiet_transformers
-
     import neverfade
+    from neverfade.commands.options import quiet_transformers
+    from neverfade.errors import UserError
 
     quiet_transformers()
     try:

@@ -7,8 +7,17 @@ import sys
 from pathlib import Path
 
 from neverfade import distributed
-from neverfade.commands.options import (add_method_options, add_model_options, add_params_option, check_prompt_room,
-                                        load_captioner, method_choice, params_setting)
+from neverfade.commands.options import (
+    add_method_options,
+    add_model_options,
+    add_params_option,
+    add_world_option,
+    check_prompt_room,
+    load_captioner,
+    method_choice,
+    params_setting,
+    scene_world,
+)
 from neverfade.distributed import Ranks
 from neverfade.results import Locked, ResultsFile, lock, merge_parts, part_files, part_path, read_records
 from neverfade.runner import caption_items, errors_left, input_order, item_score, prepare_runs
@@ -29,6 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--samples", type=int, metavar="N",
                    help="describe N held-out synthetic scenes instead of INPUT; mentioned objects are marked "
                         "[word ✓] when the scene has them and [word ✗] when it does not")
+    add_world_option(p)
     p.add_argument("--out", help="results JSONL: a new file or one written by neverfade (appended to; resumable; "
                                  "an item whose image or prompt changed is described again). Without it captions "
                                  "are only printed. "
@@ -56,10 +66,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neverfade.errors import UserError
     from neverfade.commands.options import check_device
     from neverfade.data.images import ImageError, InputError, load_image, read_items
     from neverfade.data.samples import sample_scene_items
+    from neverfade.errors import UserError
     from neverfade.methods import ParameterError, build_methods
 
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None:
         args.method = [spec]
     try:
-        items = sample_scene_items(args.samples) if args.samples is not None else read_items(args.input)
+        items = sample_scene_items(args.samples, scene_world(args)) if args.samples is not None else read_items(args.input)
         if args.input and len(items) == 1 and not args.input.endswith((".jsonl", ".json")):
             load_image(items[0].image)  # a single bad image is bad input, not a record
         names, params = method_choice(args)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neverfade.commands.options import (add_method_options, add_model_options, check_prompt_room, load_captioner,
-                                        method_sugar)
+from neverfade.commands.options import (
+    add_method_options,
+    add_model_options,
+    add_world_option,
+    check_prompt_room,
+    load_captioner,
+    method_sugar,
+    scene_world,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -22,6 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
     p.add_argument("--samples", type=int, default=8, help="synthetic scenes offered on the page (default 8)")
+    add_world_option(p)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted (default 20 MB)")
     add_model_options(p)
     add_method_options(p, with_method=False)
@@ -29,8 +37,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neverfade.errors import UserError
     from neverfade.demo.server import DemoApp, make_server
+    from neverfade.errors import UserError
     from neverfade.methods import ParameterError, build_methods
 
     if args.max_new_tokens < 1 or not 1 <= args.samples <= 64 or args.max_upload_mb <= 0:
@@ -45,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     captioner = load_captioner(args, [], {})
     check_prompt_room(captioner, args.prompt, args.max_new_tokens)
-    app = DemoApp(captioner, params, args.max_new_tokens, args.prompt, args.samples, args.max_upload_mb)
+    app = DemoApp(captioner, params, args.max_new_tokens, args.prompt, args.samples, args.max_upload_mb,
+                  scene_world(args))
     try:
         server = make_server(app, args.port)
     except OSError as err:

@@ -13,8 +13,9 @@ import importlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EVAL_COMMANDS = {
     "chair": ("neverfade.commands.eval:add_chair",

@@ -11,7 +11,7 @@ from neverfade.eval.scenes import DEFAULT_RUNS
 
 def add_parser(eval_subparsers) -> None:
     from neverfade.commands.eval import EVAL_COMMANDS
-    from neverfade.commands.options import add_method_options, add_model_options, add_params_option
+    from neverfade.commands.options import add_method_options, add_model_options, add_params_option, add_world_option
 
     p = eval_subparsers.add_parser(
         "scenes", help=EVAL_COMMANDS["scenes"][1],
@@ -28,6 +28,7 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention-layer", type=int, help="layer for the attention share (default: SPARC's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    add_world_option(p)
     add_model_options(p)
     add_method_options(p, with_method=False)
     add_params_option(p, "its method setting is evaluated too (beside the --run settings, or the baseline)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neverfade.api import DEFAULT_PROMPT
-    from neverfade.commands.options import load_captioner, method_settings, params_setting
+    from neverfade.commands.options import load_captioner, method_settings, params_setting, scene_world
     from neverfade.data.samples import sample_scene_items
     from neverfade.errors import UserError
     from neverfade.eval.report import write_json
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for names, p in settings:
             build_methods(names, p)
-        items = sample_scene_items(args.n)
+        items = sample_scene_items(args.n, scene_world(args))
     except (ParameterError, ValueError) as err:
         raise UserError(str(err)) from None
 

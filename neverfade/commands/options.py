@@ -10,6 +10,18 @@ from typing import Any
 from neverfade.methods import BASELINE, METHODS
 
 
+def add_world_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--world", choices=["default", "hard"],
+                        help="the synthetic scenes' world: hard (scenes/hard.py, the testbed's) for --model testbed, "
+                             "default otherwise")
+
+
+def scene_world(args) -> str:
+    from neverfade.data.samples import world_for
+
+    return args.world or world_for(args.model)
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,

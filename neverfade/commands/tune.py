@@ -11,7 +11,7 @@ SEARCHES = ("grid", "random")
 
 
 def add_parser(subparsers) -> None:
-    from neverfade.commands.options import add_model_options
+    from neverfade.commands.options import add_model_options, add_world_option
     from neverfade.tune import DEFAULT_SPACES, METRICS
 
     p = subparsers.add_parser(
@@ -42,8 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dev-manifest", help="COCO: manifest of the dev images (neverfade eval manifest)")
     p.add_argument("--test-manifest", help="COCO: manifest of the test images, disjoint from the dev ones")
     p.add_argument("--annotations", help="COCO: folder of the 2014 annotation files (as neverfade eval chair)")
-    p.add_argument("--world", choices=["default", "hard"],
-                   help="scene world: hard (scenes/hard.py) for --model testbed, default otherwise")
+    add_world_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
     p.add_argument("--out", help="output folder (default tune-<method>)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -94,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _splits(args):
     from neverfade import tune
+    from neverfade.commands.options import scene_world
     from neverfade.scenes import HELD_OUT_SEEDS
 
     coco = [args.dev_manifest, args.test_manifest, args.annotations]
@@ -117,7 +117,7 @@ def _splits(args):
                                ("--test-scenes", args.test_scenes, HELD_OUT_SEEDS)):
         if not 1 <= count <= len(seeds):
             raise ValueError(f"{name} must be between 1 and {len(seeds)}, got {count}")
-    args.world = args.world or ("hard" if args.model == "testbed" else "default")
+    args.world = scene_world(args)
     return (tune.SceneSplit(tune.DEV_SEEDS[:args.dev_scenes], args.world),
             tune.SceneSplit(HELD_OUT_SEEDS[:args.test_scenes], args.world))
 

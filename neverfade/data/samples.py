@@ -8,25 +8,47 @@ from pathlib import Path
 from neverfade.data.items import Item
 from neverfade.paths import cache_dir
 
+WORLDS = ("default", "hard")  # scenes/generator.py's world, scenes/hard.py's (the testbed's)
 
-def sample_scene_items(count: int) -> list[Item]:
-    """The first `count` held-out scenes, rendered once into the cache folder, with their objects in `meta`."""
-    from neverfade.scenes import HELD_OUT_SEEDS, make_scene
 
-    if not 1 <= count <= len(HELD_OUT_SEEDS):
-        raise ValueError(f"--samples must be between 1 and {len(HELD_OUT_SEEDS)}, got {count}")
+def world_for(model: str | None) -> str:
+    """The scene world a model was trained on: the hard one for the testbed, else the default."""
+    return "hard" if model == "testbed" else "default"
+
+
+def make_world_scene(seed: int, world: str = "default"):
+    from neverfade.scenes import make_scene
+    from neverfade.scenes.hard import make_hard_scene
+
+    if world not in WORLDS:
+        raise ValueError(f"unknown scene world {world!r}; choose from {', '.join(WORLDS)}")
+    return (make_hard_scene if world == "hard" else make_scene)(seed)
+
+
+def scene_items(seeds, world: str = "default") -> list[Item]:
+    """Items for the scenes of `seeds` in `world`, rendered once into the cache folder, with their objects in
+    `meta`."""
     folder = cache_dir() / "scenes" / _generator_hash()
     folder.mkdir(parents=True, exist_ok=True)
     items = []
-    for seed in HELD_OUT_SEEDS[:count]:
-        scene = make_scene(seed)
-        path = folder / f"scene-{seed:05d}.png"
+    for seed in seeds:
+        scene = make_world_scene(seed, world)
+        path = folder / f"{'hard-' if world == 'hard' else ''}scene-{seed:05d}.png"
         if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.png")
             scene.image.save(tmp)
             tmp.replace(path)
         items.append(Item(id=f"scene-{seed:05d}", image=str(path), meta={"objects": sorted(scene.kinds)}))
     return items
+
+
+def sample_scene_items(count: int, world: str = "default") -> list[Item]:
+    """The first `count` held-out scenes of `world`."""
+    from neverfade.scenes import HELD_OUT_SEEDS
+
+    if not 1 <= count <= len(HELD_OUT_SEEDS):
+        raise ValueError(f"--samples must be between 1 and {len(HELD_OUT_SEEDS)}, got {count}")
+    return scene_items(HELD_OUT_SEEDS[:count], world)
 
 
 def _generator_hash() -> str:

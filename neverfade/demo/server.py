@@ -40,7 +40,7 @@ class DemoApp:
     and the sample scenes."""
 
     def __init__(self, captioner, method_params: dict[str, dict[str, Any]] | None = None, max_new_tokens: int = 200,
-                 prompt: str | None = None, samples: int = 8, max_upload_mb: float = 20):
+                 prompt: str | None = None, samples: int = 8, max_upload_mb: float = 20, world: str = "default"):
         from neverfade.api import DEFAULT_PROMPT
         from neverfade.scenes import HELD_OUT_SEEDS
 
@@ -48,6 +48,7 @@ class DemoApp:
         self.max_new_tokens, self.prompt = max_new_tokens, prompt or DEFAULT_PROMPT
         self.max_upload = int(max_upload_mb * MB)
         self.samples = {f"scene-{seed:05d}": seed for seed in HELD_OUT_SEEDS[:samples]}
+        self.world = world
         self._sample_png: dict[str, bytes] = {}
         self.lock = threading.Lock()  # one model, one caption at a time
 
@@ -78,11 +79,11 @@ class DemoApp:
         return settings
 
     def sample(self, name: str) -> tuple[Image.Image, list[str]]:
-        from neverfade.scenes import make_scene
+        from neverfade.data.samples import make_world_scene
 
         if name not in self.samples:
             raise RequestError(404, f"no sample named {name!r}; pick one of the samples shown")
-        scene = make_scene(self.samples[name])
+        scene = make_world_scene(self.samples[name], self.world)
         return scene.image.convert("RGB"), sorted(scene.kinds)
 
     def sample_png(self, name: str) -> bytes:
