@@ -5,13 +5,33 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["load", "attach", "Captioner", "Caption", "Generation", "DEFAULT_PROMPT", "METHODS", "Method", "Param",
-           "Flags", "SequenceState"]
+__all__ = [
+    "load",
+    "attach",
+    "Captioner",
+    "Caption",
+    "Generation",
+    "DEFAULT_PROMPT",
+    "METHODS",
+    "Method",
+    "Param",
+    "Flags",
+    "SequenceState",
+]
 
-_LAZY = {"load": "neverfade.api", "attach": "neverfade.api", "Captioner": "neverfade.api", "Caption": "neverfade.api",
-         "DEFAULT_PROMPT": "neverfade.api", "Generation": "neverfade.api", "METHODS": "neverfade.methods",
-         "Method": "neverfade.engine.contract", "Param": "neverfade.engine.contract", "Flags": "neverfade.engine.contract",
-         "SequenceState": "neverfade.engine.batch"}
+_LAZY = {
+    "load": "neverfade.api",
+    "attach": "neverfade.api",
+    "Captioner": "neverfade.api",
+    "Caption": "neverfade.api",
+    "DEFAULT_PROMPT": "neverfade.api",
+    "Generation": "neverfade.api",
+    "METHODS": "neverfade.methods",
+    "Method": "neverfade.engine.contract",
+    "Param": "neverfade.engine.contract",
+    "Flags": "neverfade.engine.contract",
+    "SequenceState": "neverfade.engine.batch",
+}
 
 
 def __getattr__(name: str):

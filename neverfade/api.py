@@ -1,7 +1,7 @@
 """The Python API: `load` a model with methods, or `attach` methods to a model you hold, then `caption`.
 
-    >>> c = neverfade.load("llava-hf/llava-1.5-7b-hf", methods=["sparc"])
-    >>> c.caption([Image.open("cat.jpg")], max_new_tokens=512)[0].text
+>>> c = neverfade.load("llava-hf/llava-1.5-7b-hf", methods=["sparc"])
+>>> c.caption([Image.open("cat.jpg")], max_new_tokens=512)[0].text
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,9 +23,9 @@ from neverfade.data.images import load_image
 from neverfade.engine.contract import Method
 from neverfade.engine.engine import Engine
 from neverfade.methods import build_methods
-from neverfade.probes import ImageAttentionShare
 from neverfade.models.families import FAMILIES, model_info
 from neverfade.models.processors import load_processor
+from neverfade.probes import ImageAttentionShare
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 
@@ -60,8 +61,15 @@ class PromptTooLong(ValueError):
 class Captioner:
     """A model, its processor, and the methods attached to it."""
 
-    def __init__(self, model, processor, methods: Iterable[Method | str] = (), name: str | None = None,
-                 decode: str = "auto", paper: bool = False):
+    def __init__(
+        self,
+        model,
+        processor,
+        methods: Iterable[Method | str] = (),
+        name: str | None = None,
+        decode: str = "auto",
+        paper: bool = False,
+    ):
         """`paper`: run as the SPARC authors did for this family (`PaperSetup`): their prompt format, their image
         padding; the model must already be in their dtype (`load(..., paper=True)` loads it so)."""
         family = model_info(model).family  # refuse unsupported architectures before anything else
@@ -80,13 +88,13 @@ class Captioner:
             self.processor.image_processor = family.square_padding(self.processor.image_processor)
         self.use(methods)
 
-    def record_attention(self, layer: int | None = None) -> "Captioner":
+    def record_attention(self, layer: int | None = None) -> Captioner:
         """From now on, each Caption carries `image_attention`: per new token, the share of attention on the image
         at `layer` (default: SPARC's selection layer for the family)."""
         self.attention_probe = ImageAttentionShare(layer=layer)
         return self.use(self.methods)
 
-    def watch(self, *probes: Method) -> "Captioner":
+    def watch(self, *probes: Method) -> Captioner:
         """From now on, run these observers (neverfade.probes) beside the methods; `watch()` removes them.
         Observers force the eager decode path."""
         self.probes = list(probes)
@@ -127,8 +135,9 @@ class Captioner:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        inputs = self.processor(text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt",
-                                padding=True).to(self.model.device)
+        inputs = self.processor(
+            text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt", padding=True
+        ).to(self.model.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -140,18 +149,30 @@ class Captioner:
         over = [i for i, n in enumerate(lengths) if limit and n + max_new_tokens > limit]
         if over:
             n = lengths[over[0]]
-            raise PromptTooLong(f"the prompt is {n} tokens with its image and {max_new_tokens} new tokens are asked "
-                                f"for: {n + max_new_tokens} positions, beyond the model's {limit} "
-                                "(max_position_embeddings)", over)
+            raise PromptTooLong(
+                f"the prompt is {n} tokens with its image and {max_new_tokens} new tokens are asked "
+                f"for: {n + max_new_tokens} positions, beyond the model's {limit} "
+                "(max_position_embeddings)",
+                over,
+            )
 
     @torch.no_grad()  # not inference_mode: SGRS takes gradients inside its loop
-    def run(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
-            watch: Iterable[Method] = (), do_sample: bool = False, **generate_kwargs) -> Generation:
+    def run(
+        self,
+        images: list,
+        prompt: str | list[str] = DEFAULT_PROMPT,
+        max_new_tokens: int = 512,
+        watch: Iterable[Method] = (),
+        do_sample: bool = False,
+        **generate_kwargs,
+    ) -> Generation:
         """Caption `images` with the attached methods while the probes in `watch` (neverfade.probes) observe: the one
         path under `caption`, `neverfade analyze` and the demo."""
         if generate_kwargs.get("num_beams", 1) > 1 and self.engine is not None:
-            raise ValueError("beam search is not supported with attention methods attached (their per-sequence "
-                             "state would not follow the beams); use greedy decoding or sampling")
+            raise ValueError(
+                "beam search is not supported with attention methods attached (their per-sequence "
+                "state would not follow the beams); use greedy decoding or sampling"
+            )
         inputs = self.inputs(images, prompt)
         self.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)
         watch, kept = list(watch), self.probes
@@ -164,7 +185,7 @@ class Captioner:
         finally:
             if watch:
                 self.watch(*kept)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = out[:, inputs["input_ids"].shape[1] :]
         ids = [row[:n] for row, n in zip(new.tolist(), self._count_new_tokens(new))]
         generation = Generation(inputs, ids, seconds, {})
         for probe in watch:
@@ -173,8 +194,14 @@ class Captioner:
                 generation.batch, generation.records[probe.name] = taken
         return generation
 
-    def caption(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, max_new_tokens: int = 512,
-                do_sample: bool = False, **generate_kwargs) -> list[Caption]:
+    def caption(
+        self,
+        images: list,
+        prompt: str | list[str] = DEFAULT_PROMPT,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        **generate_kwargs,
+    ) -> list[Caption]:
         """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image."""
         if not images:
             return []
@@ -183,12 +210,14 @@ class Captioner:
         shares = self.attention_probe.take() if self.attention_probe else None
         shares = shares.float().tolist() if shares is not None else [None] * len(texts)
         seconds = run.seconds / len(images)
-        return [Caption(t.strip(), len(ids), seconds, s[: len(ids)] if s is not None else None)
-                for t, ids, s in zip(texts, run.token_ids, shares)]
+        return [
+            Caption(t.strip(), len(ids), seconds, s[: len(ids)] if s is not None else None)
+            for t, ids, s in zip(texts, run.token_ids, shares)
+        ]
 
     @property
     def decode(self) -> str:
-        """"captured": a static KV cache with each decode step replayed from a CUDA graph (without CUDA: the same
+        """ "captured": a static KV cache with each decode step replayed from a CUDA graph (without CUDA: the same
         loop, eagerly); "static": that loop run eagerly (the reference for the captured replay); "eager": generate's
         own loop; "auto": captured on CUDA where the methods allow, else eager."""
         return self._decode
@@ -218,19 +247,24 @@ class Captioner:
         if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":
             reason = "has its own decoding loop" if path == "strategy" else "keeps per-step state on the host"
             flags = self.engine.flags
-            names = [m.name for m in self.engine.hooks
-                     if (flags[m].strategy if path == "strategy" else not flags[m].capturable)]
+            names = [
+                m.name
+                for m in self.engine.hooks
+                if (flags[m].strategy if path == "strategy" else not flags[m].capturable)
+            ]
             _log_once(f"neverfade: {'+'.join(names)} {reason}; decode steps run eagerly (not captured)")
         if path in ("strategy", "captured", "static") and inputs_and_kwargs.get("streamer") is not None:
             inputs_and_kwargs["neverfade_streamer"] = inputs_and_kwargs.pop("streamer")
         if path == "strategy":
             inputs_and_kwargs.setdefault("custom_generate", self.engine.custom_generate())
-            inputs_and_kwargs.setdefault("neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items()
-                                                              if isinstance(v, torch.Tensor)})
+            inputs_and_kwargs.setdefault(
+                "neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items() if isinstance(v, torch.Tensor)}
+            )
         elif path in ("captured", "static") and inputs_and_kwargs.get("num_beams", 1) == 1:
             inputs_and_kwargs.setdefault("cache_implementation", "static")
-            inputs_and_kwargs.setdefault("custom_generate", decoding.custom_generate("static",
-                                                                                     capture=path == "captured"))
+            inputs_and_kwargs.setdefault(
+                "custom_generate", decoding.custom_generate("static", capture=path == "captured")
+            )
         out = self.model.generate(**inputs_and_kwargs)
         if self.engine is not None:
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -249,7 +283,7 @@ class Captioner:
         return first.tolist()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     logging.getLogger("neverfade").warning(message)
 
@@ -260,14 +294,20 @@ def attach(model, processor, *methods: Method | str, **params: Any) -> Captioner
     Keyword parameters apply to the one method named; an unknown name is refused (ParameterError). With several
     methods, pass Method objects instead: `attach(model, processor, SPARC(tau=2.0), LocoRE(beta=0.2))`."""
     if params and (len(methods) != 1 or not isinstance(methods[0], str)):
-        raise ValueError("keyword parameters need exactly one method given by name; pass Method objects to configure "
-                         "several")
+        raise ValueError(
+            "keyword parameters need exactly one method given by name; pass Method objects to configure several"
+        )
     return Captioner(model, processor, build_methods(methods, {methods[0]: params} if params else None))
 
 
-def load(model: str | Path | None = None, methods: Iterable[Method | str] = (),
-         method_params: dict[str, dict[str, Any]] | None = None, device: str | None = None,
-         dtype: str | torch.dtype | None = None, paper: bool = False) -> Captioner:
+def load(
+    model: str | Path | None = None,
+    methods: Iterable[Method | str] = (),
+    method_params: dict[str, dict[str, Any]] | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    paper: bool = False,
+) -> Captioner:
     """Load a model (a local path or hub id; None: the embedded default) with methods attached. `paper`: as the
     SPARC authors ran its family (their dtype, prompt format and image padding; see `PaperSetup`)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -332,8 +372,9 @@ def _check_paper(family, dtype):
     if wanted is None or dtype in (None, "auto"):
         return wanted or dtype
     if _dtype(dtype, "cpu") != _dtype(wanted, "cpu"):
-        raise ValueError(f"paper mode runs {family.name} in {wanted}, as the authors did; got {dtype} "
-                         f"({family.paper.source})")
+        raise ValueError(
+            f"paper mode runs {family.name} in {wanted}, as the authors did; got {dtype} ({family.paper.source})"
+        )
     return wanted
 
 

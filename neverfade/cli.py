@@ -37,7 +37,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if argv is None or name == named:
             add = importlib.import_module(module_name).add_parser
             if add.__code__.co_argcount > 1:  # subcommands of its own (eval): it builds the one the rest names
-                add(sub, None if argv is None else argv[argv.index(name) + 1:])
+                add(sub, None if argv is None else argv[argv.index(name) + 1 :])
             else:
                 add(sub)
         else:
@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:
-        print(f"neverfade {args.command}: error: does not run data-parallel (every rank would do all the work); "
-              "run it as one process. Under torchrun, use neverfade caption", file=sys.stderr)
+        print(
+            f"neverfade {args.command}: error: does not run data-parallel (every rank would do all the work); "
+            "run it as one process. Under torchrun, use neverfade caption",
+            file=sys.stderr,
+        )
         return 2
     try:
         return int(args.func(args) or 0)

@@ -22,8 +22,11 @@ VERSION = transformers.__version__
 
 # 5.24 renamed the cache argument of the models, of prepare_inputs_for_generation and of generate's outputs from
 # `past_key_values` to `cache` (the old name is deprecated, for removal in 5.40)
-CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     else "past_key_values"
+)
 _CACHE_NAMES = ("cache", "past_key_values")
 
 # the per-step inputs prepare_inputs_for_generation makes at a decode step in any family, besides input_ids, the cache
@@ -36,8 +39,9 @@ class UnsupportedTransformers(CannotAct):
     """Something neverfade relies on does not behave as in the supported transformers releases."""
 
     def __init__(self, what: str):
-        super().__init__(f"{what} (transformers {VERSION}; neverfade is tested with {SUPPORTED[0]} to "
-                         f"{SUPPORTED[1]}.x)")
+        super().__init__(
+            f"{what} (transformers {VERSION}; neverfade is tested with {SUPPORTED[0]} to {SUPPORTED[1]}.x)"
+        )
 
 
 def minor(version: str) -> tuple[int, int]:
@@ -49,12 +53,15 @@ def supported(version: str | None = None) -> bool:
     return minor(SUPPORTED[0]) <= minor(version or VERSION) <= minor(SUPPORTED[1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warn_if_untested() -> None:
     if not supported():
         logging.getLogger("neverfade").warning(
             "neverfade: transformers %s is outside the tested range %s to %s.x; an incompatibility is an error, "
-            "never a silent baseline", VERSION, *SUPPORTED)
+            "never a silent baseline",
+            VERSION,
+            *SUPPORTED,
+        )
 
 
 def cache_of(kwargs: dict):
@@ -106,7 +113,7 @@ def beam_output(sequences, scores) -> GenerateBeamDecoderOnlyOutput:
     return GenerateBeamDecoderOnlyOutput(sequences=sequences, sequences_scores=scores)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _output_cache_field() -> str:
     fields = GenerateDecoderOnlyOutput.__dataclass_fields__
     name = next((n for n in _CACHE_NAMES if n in fields), None)

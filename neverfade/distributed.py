@@ -51,8 +51,9 @@ def start(ranks: Ranks, device: str | None) -> None:
     on_cuda = device is not None and device.startswith("cuda")
     if on_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=TIMEOUT,
-                            device_id=torch.device(device) if on_cuda else None)
+    dist.init_process_group(
+        "nccl" if on_cuda else "gloo", timeout=TIMEOUT, device_id=torch.device(device) if on_cuda else None
+    )
 
 
 def barrier(ranks: Ranks) -> None:

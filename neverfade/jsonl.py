@@ -47,7 +47,9 @@ def parse_lines(lines: Iterable[bytes], path: str | Path) -> Iterator[tuple[int,
             if not raw.endswith(b"\n"):
                 logging.getLogger("neverfade").warning(
                     "%s:%d: ignoring a torn last line (no newline, not JSON), as an interrupted writer leaves it",
-                    path, number)
+                    path,
+                    number,
+                )
                 return
             why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"not valid JSON ({err.msg})"
             raise BadLine(path, number, why) from None

@@ -13,7 +13,9 @@ from neverfade.errors import ParameterError
 
 @dataclass
 class Records:
-    rows: list[torch.Tensor] = field(default_factory=list)  # one record per step: the prefill's, then each decode step's
+    rows: list[torch.Tensor] = field(
+        default_factory=list
+    )  # one record per step: the prefill's, then each decode step's
 
 
 class LayerProbe(Method):
@@ -22,8 +24,16 @@ class LayerProbe(Method):
     loop (VCD, PAI's guidance)."""
 
     State = Records
-    params = (Param("layer", None, "layer to read, 0-indexed",
-                    "our choice: SPARC's selection layer for the family", type=int, minimum=0),)
+    params = (
+        Param(
+            "layer",
+            None,
+            "layer to read, 0-indexed",
+            "our choice: SPARC's selection layer for the family",
+            type=int,
+            minimum=0,
+        ),
+    )
 
     def bind(self, info):
         if self.layer is None:

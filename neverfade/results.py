@@ -48,10 +48,12 @@ def read_records(path: str | Path, keys: tuple[str, ...] = RECORD_KEYS) -> list[
     last = data.count(b"\n") + 1  # the number of the part after the last newline, blank when the file ends in one
 
     def refuse(number: int) -> NotResults:
-        return NotResults(f"{path}:{number}: not a neverfade results record (a JSON object with "
-                          f"{', '.join(repr(k) for k in keys)}); refusing to write to this file")
+        return NotResults(
+            f"{path}:{number}: not a neverfade results record (a JSON object with "
+            f"{', '.join(repr(k) for k in keys)}); refusing to write to this file"
+        )
 
-    tail = data[data.rfind(b"\n") + 1:].lstrip()
+    tail = data[data.rfind(b"\n") + 1 :].lstrip()
     if tail and not tail.startswith(b"{"):
         raise refuse(last)
     records = []
@@ -92,7 +94,7 @@ def lock(path: str | Path):
 
 
 def _lock_holder(fd: int) -> str:
-    """" (pid N)" for the process holding a flock on the file (Linux /proc/locks), "" when unknown."""
+    """ " (pid N)" for the process holding a flock on the file (Linux /proc/locks), "" when unknown."""
     inode = os.fstat(fd).st_ino
     try:
         for line in Path("/proc/locks").read_text().splitlines():
@@ -149,8 +151,11 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def best_records(records: Iterable[dict[str, Any]], score: Callable[[dict[str, Any]], Any] | None = None,
-                 keys: tuple[str, ...] = RECORD_KEYS) -> dict[tuple, dict[str, Any]]:
+def best_records(
+    records: Iterable[dict[str, Any]],
+    score: Callable[[dict[str, Any]], Any] | None = None,
+    keys: tuple[str, ...] = RECORD_KEYS,
+) -> dict[tuple, dict[str, Any]]:
     """One record per key: of two, the one `score` ranks higher (default: one without error over one with), the
     later one on a tie."""
     score = score or (lambda r: r.get("error") is None)
@@ -177,8 +182,9 @@ def part_files(out: str | Path) -> list[Path]:
     return sorted(folder.glob("rank-*-of-*.jsonl")) if folder.is_dir() else []
 
 
-def merge_parts(out: str | Path, order: Callable[[dict[str, Any]], Any],
-                score: Callable[[dict[str, Any]], Any] | None = None) -> int:
+def merge_parts(
+    out: str | Path, order: Callable[[dict[str, Any]], Any], score: Callable[[dict[str, Any]], Any] | None = None
+) -> int:
     """Fold every part file into `out` and keep each (id, run) once (`best_records`: by `score`, then the later
     one), sorted by `order` (stable), written to a temporary file and put in place with os.replace; the parts are
     removed only once the new `out` is on disk. Returns the number of records in `out`, or 0 when there was nothing

@@ -37,16 +37,28 @@ def prepare_runs(captioner, settings: list[tuple[list[str], dict | None]], promp
     for names, params in settings:
         captioner.use(names, params)
         described = captioner.describe()
-        key = json.dumps({"model": captioner.name, **captioner.setup(), "methods": described, "prompt": prompt,
-                          **generate},
-                         sort_keys=True)
+        key = json.dumps(
+            {"model": captioner.name, **captioner.setup(), "methods": described, "prompt": prompt, **generate},
+            sort_keys=True,
+        )
         runs.append(Run(captioner.methods, described, hashlib.sha1(key.encode()).hexdigest()[:12]))
     return runs
 
 
-def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str, generate: dict, batch_size: int,
-                  results=None, on_batch: Callable[[list[Item], dict[str, list[dict]]], None] | None = None,
-                  seed: int = 0, shard: tuple[int, int] = (0, 1), retry_errors: bool = False) -> set[str]:
+def caption_items(
+    captioner,
+    items: list[Item],
+    runs: list[Run],
+    *,
+    prompt: str,
+    generate: dict,
+    batch_size: int,
+    results=None,
+    on_batch: Callable[[list[Item], dict[str, list[dict]]], None] | None = None,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    retry_errors: bool = False,
+) -> set[str]:
     """Describe every item with every run, skipping what `results` (a ResultsFile) already holds for the item as it
     is now (`is_for`; with `retry_errors`, only records without error) and appending to it batch by batch; a record
     made again supersedes the old one (`item_score`). `on_batch(items, {item id: [record per run]})` sees each
@@ -62,10 +74,15 @@ def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str,
 
     rank, world_size = shard
     best = best_records(results.records, item_score(items)) if results is not None else {}
-    done = {(it.id, run.id) for it in items for run in runs
-            if (rec := best.get((it.id, run.id))) is not None and is_for(rec, it)
-            and not (retry_errors and rec.get("error") is not None)}
-    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    done = {
+        (it.id, run.id)
+        for it in items
+        for run in runs
+        if (rec := best.get((it.id, run.id))) is not None
+        and is_for(rec, it)
+        and not (retry_errors and rec.get("error") is not None)
+    }
+    batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
     left = [(k, b) for k, b in enumerate(batches) if any((it.id, run.id) not in done for it in b for run in runs)]
     mine = left[rank::world_size]
     todo = sum((item.id, run.id) not in done for _, batch in mine for item in batch for run in runs)
@@ -73,8 +90,13 @@ def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str,
     if already and rank == 0:
         print(f"resuming: {already} records already done", file=sys.stderr)
     failed: set[str] = set()
-    bar = tqdm(total=todo, unit="caption", desc="captioning" + (f" (rank {rank})" if world_size > 1 else ""),
-               position=rank, disable=None)
+    bar = tqdm(
+        total=todo,
+        unit="caption",
+        desc="captioning" + (f" (rank {rank})" if world_size > 1 else ""),
+        position=rank,
+        disable=None,
+    )
     for k, batch in mine:
         images: dict[str, Any] = {}
         seen: dict[str, list[dict]] = {}
@@ -92,11 +114,15 @@ def caption_items(captioner, items: list[Item], runs: list[Run], *, prompt: str,
             if captioner.methods != run.methods:
                 captioner.use(run.methods)
             torch.manual_seed(batch_seed(seed, k, run_index))
-            captions = caption_fitting(captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok],
-                                       generate)
+            captions = caption_fitting(
+                captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok], generate
+            )
             for item, caption in zip(ok, captions):
-                records[item.id] = (record(item, captioner.name, run, error=caption) if isinstance(caption, str)
-                                    else record(item, captioner.name, run, caption=caption))
+                records[item.id] = (
+                    record(item, captioner.name, run, error=caption)
+                    if isinstance(caption, str)
+                    else record(item, captioner.name, run, caption=caption)
+                )
             ordered = [records[it.id] for it in pending]
             failed.update(rec["id"] for rec in ordered if rec["error"] is not None)
             if results is not None:
@@ -114,8 +140,11 @@ def is_for(record: dict[str, Any], item: Item) -> bool:
     """Whether `record` describes `item` as it is now: the same image path and the same prompt (the run's id covers
     everything else that decides the output)."""
     image = record.get("image")
-    return (record.get("prompt") == item.prompt and isinstance(image, str)
-            and os.path.abspath(image) == os.path.abspath(item.image))
+    return (
+        record.get("prompt") == item.prompt
+        and isinstance(image, str)
+        and os.path.abspath(image) == os.path.abspath(item.image)
+    )
 
 
 def item_score(items: list[Item]) -> Callable[[dict[str, Any]], tuple]:
@@ -133,8 +162,11 @@ def item_score(items: list[Item]) -> Callable[[dict[str, Any]], tuple]:
 def errors_left(records: list[dict[str, Any]], items: list[Item], runs: list[Run]) -> int:
     """How many (item, run) pairs the standing records answer with an error."""
     best = best_records(records, item_score(items))
-    return sum((rec := best.get((it.id, run.id))) is not None and is_for(rec, it) and rec.get("error") is not None
-               for it in items for run in runs)
+    return sum(
+        (rec := best.get((it.id, run.id))) is not None and is_for(rec, it) and rec.get("error") is not None
+        for it in items
+        for run in runs
+    )
 
 
 def usable_image(captioner, path: str):
@@ -183,8 +215,9 @@ def caption_fitting(captioner, images: list, prompts: list[str], generate: dict)
         return [f"out of memory even as a batch of one: {message}"]
     half = (len(images) + 1) // 2
     tqdm.write(f"out of memory on a batch of {len(images)}; trying {half} and {len(images) - half}", file=sys.stderr)
-    return (caption_fitting(captioner, images[:half], prompts[:half], generate)
-            + caption_fitting(captioner, images[half:], prompts[half:], generate))
+    return caption_fitting(captioner, images[:half], prompts[:half], generate) + caption_fitting(
+        captioner, images[half:], prompts[half:], generate
+    )
 
 
 def batch_seed(seed: int, batch: int, run: int) -> int:
@@ -206,10 +239,16 @@ def input_order(items: list[Item], runs: list[Run], batch_size: int) -> Callable
 
 def record(item: Item, model: str, run: Run, caption=None, error: str | None = None) -> dict[str, Any]:
     out = {
-        "id": item.id, "image": item.image, "run": run.id, "model": model, "methods": run.described,
-        "prompt": item.prompt, "caption": caption.text if caption else None,
+        "id": item.id,
+        "image": item.image,
+        "run": run.id,
+        "model": model,
+        "methods": run.described,
+        "prompt": item.prompt,
+        "caption": caption.text if caption else None,
         "new_tokens": caption.new_tokens if caption else 0,
-        "seconds": round(caption.seconds, 4) if caption else 0.0, "error": error,
+        "seconds": round(caption.seconds, 4) if caption else 0.0,
+        "error": error,
     }
     if caption is not None and caption.image_attention is not None:
         out["image_attention"] = [round(x, 5) for x in caption.image_attention]

@@ -21,8 +21,14 @@ def point(counts: np.ndarray, metrics: Metrics) -> dict[str, float]:
     return {name: float(v) for name, v in metrics(np.asarray(counts, float).sum(axis=0)).items()}
 
 
-def bootstrap(counts: np.ndarray, metrics: Metrics, n: int = 1000, seed: int = 0, level: float = 0.95,
-              baseline: np.ndarray | None = None) -> dict[str, list[float]]:
+def bootstrap(
+    counts: np.ndarray,
+    metrics: Metrics,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    baseline: np.ndarray | None = None,
+) -> dict[str, list[float]]:
     """Percentile intervals: images (rows of `counts`) drawn with replacement, `n` times, by `seed`. With
     `baseline` (another method's counts of the same images, row for row), the intervals are of the paired
     difference metrics(counts) - metrics(baseline), both on the same draws."""
@@ -38,8 +44,9 @@ def bootstrap(counts: np.ndarray, metrics: Metrics, n: int = 1000, seed: int = 0
     return {name: [float(q) for q in np.percentile(v, [tail, 100 - tail])] for name, v in values.items()}
 
 
-def draws(counts: np.ndarray, metrics: Metrics, n_draws: int = 5, size: int = 500,
-          seed: int = 0) -> dict[str, dict[str, float]]:
+def draws(
+    counts: np.ndarray, metrics: Metrics, n_draws: int = 5, size: int = 500, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """The SPARC paper's protocol: `n_draws` subsets of `size` images without replacement; mean and std of each."""
     counts = np.asarray(counts, float)
     rng = np.random.default_rng(seed)

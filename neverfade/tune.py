@@ -31,8 +31,13 @@ import numpy as np
 from neverfade.errors import ParameterError
 
 DEV_SEEDS = range(10_000, 20_000)  # tuning scenes: not held out (0..9_999), not trained on (>= 997_000)
-METRICS = {"f1": ("f1", 1), "precision": ("precision", 1), "recall": ("recall", 1), "chairs": ("chair_s", -1),
-           "chairi": ("chair_i", -1)}  # --metric -> (key in the scores, +1 higher is better / -1 lower is)
+METRICS = {
+    "f1": ("f1", 1),
+    "precision": ("precision", 1),
+    "recall": ("recall", 1),
+    "chairs": ("chair_s", -1),
+    "chairi": ("chair_i", -1),
+}  # --metric -> (key in the scores, +1 higher is better / -1 lower is)
 LAYER_PARAMS = ("layer", "start", "end")
 DEFAULT_SPACES = {
     "sparc": "tau=1:16:log,alpha=1.02:1.3,layer",
@@ -133,8 +138,9 @@ def parse_space(text: str, method: str, info, fixed: dict[str, Any] | None = Non
                 raise ParameterError(f"--space {entry!r}: need {need}")
             axis = Axis(name, low, high, scale, axis.integer, axis.default)
         if name in LAYER_PARAMS and axis.high > info.num_layers - 1:
-            raise ParameterError(f"--space {entry!r}: the model has {info.num_layers} layers "
-                                 f"(0..{info.num_layers - 1})")
+            raise ParameterError(
+                f"--space {entry!r}: the model has {info.num_layers} layers (0..{info.num_layers - 1})"
+            )
         axes.append(axis)
     if not axes:
         raise ParameterError(f"--space {text!r}: no parameter to search")
@@ -148,8 +154,9 @@ def default_space(method: str) -> str:
 
     if method in DEFAULT_SPACES:
         return DEFAULT_SPACES[method]
-    return ",".join(p.name for p in METHODS[method].params
-                    if p.type in (int, float) and p.name not in ("start", "end", "seed"))
+    return ",".join(
+        p.name for p in METHODS[method].params if p.type in (int, float) and p.name not in ("start", "end", "seed")
+    )
 
 
 def grid(axes: list[Axis], budget: int) -> list[dict[str, Any]]:
@@ -158,7 +165,7 @@ def grid(axes: list[Axis], budget: int) -> list[dict[str, Any]]:
     counts = [1] * len(axes)
     while True:
         for i in sorted(range(len(axes)), key=lambda i: counts[i]):
-            grown = counts[:i] + [counts[i] + 1] + counts[i + 1:]
+            grown = counts[:i] + [counts[i] + 1] + counts[i + 1 :]
             if grown[i] <= axes[i].size() and math.prod(grown) <= budget:
                 counts = grown
                 break
@@ -182,8 +189,9 @@ def random_points(axes: list[Axis], budget: int, seed: int) -> list[dict[str, An
     return points
 
 
-def trials(method: str, axes: list[Axis], budget: int, search: str, seed: int = 0,
-           fixed: dict[str, Any] | None = None) -> list[str]:
+def trials(
+    method: str, axes: list[Axis], budget: int, search: str, seed: int = 0, fixed: dict[str, Any] | None = None
+) -> list[str]:
     """The method settings to try, as spec strings, in a fixed order (the first of equal scores wins)."""
     from neverfade.methods.spec import format_spec, parse_spec
 
@@ -204,6 +212,7 @@ def select(scores: list[dict[str, float]], metric: str) -> int:
 
 # ---- splits: the items to describe and how their captions are scored ----
 
+
 class SceneSplit:
     """Synthetic scenes of the given seeds in a world ("default": `make_scene`; "hard": `make_hard_scene`, the
     testbed's), scored exactly (`neverfade.scenes.metrics`)."""
@@ -217,8 +226,12 @@ class SceneSplit:
         self.items = scene_items(seeds, world)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "world": self.world, "seeds": f"{self.seeds.start}..{self.seeds.stop - 1}",
-                "n": len(self.items)}
+        return {
+            "kind": self.kind,
+            "world": self.world,
+            "seeds": f"{self.seeds.start}..{self.seeds.stop - 1}",
+            "n": len(self.items),
+        }
 
     def point(self, items, captions: list[str]) -> dict[str, float]:
         from neverfade.scenes import scene_metrics
@@ -229,8 +242,7 @@ class SceneSplit:
     def interval(self, items, captions: list[str], baseline: list[str] | None, n_boot: int) -> dict:
         from neverfade.scenes import bootstrap_ci
 
-        return {k: list(v) for k, v in bootstrap_ci(captions, _kinds(items), baseline=baseline,
-                                                      n_boot=n_boot).items()}
+        return {k: list(v) for k, v in bootstrap_ci(captions, _kinds(items), baseline=baseline, n_boot=n_boot).items()}
 
 
 def _kinds(items):
@@ -243,8 +255,15 @@ class CocoSplit:
     """The images of a manifest, scored by CHAIR against the COCO 2014 annotations (metric names as the scenes')."""
 
     kind = "coco"
-    NAMES = {"Precision": "precision", "Recall": "recall", "F1": "f1", "CHAIRi": "chair_i", "CHAIRs": "chair_s",
-             "words": "words", "objects": "objects"}
+    NAMES = {
+        "Precision": "precision",
+        "Recall": "recall",
+        "F1": "f1",
+        "CHAIRi": "chair_i",
+        "CHAIRs": "chair_s",
+        "words": "words",
+        "objects": "objects",
+    }
 
     def __init__(self, manifest: str, truth):
         from neverfade.data.images import read_items
@@ -268,8 +287,17 @@ class CocoSplit:
         for item, caption in zip(items, captions):
             truth = self.truth.objects[chair.image_id(item.id, {"image": item.image})]
             s = chair.score_caption(vocabulary, caption, truth)
-            rows.append([1, s["CHAIRs"], len(s["mentioned"]), len(s["hallucinated"]), len(s["gt"]), len(s["recalled"]),
-                         s["words"]])
+            rows.append(
+                [
+                    1,
+                    s["CHAIRs"],
+                    len(s["mentioned"]),
+                    len(s["hallucinated"]),
+                    len(s["gt"]),
+                    len(s["recalled"]),
+                    s["words"],
+                ]
+            )
         return np.array(rows, float).reshape(-1, 7)
 
     def point(self, items, captions: list[str]) -> dict[str, float]:
@@ -282,13 +310,17 @@ class CocoSplit:
         from neverfade import stats
         from neverfade.eval import chair
 
-        ci = stats.bootstrap(self._counts(items, captions), chair.metrics, n=n_boot,
-                              baseline=None if baseline is None else self._counts(items, baseline))
+        ci = stats.bootstrap(
+            self._counts(items, captions),
+            chair.metrics,
+            n=n_boot,
+            baseline=None if baseline is None else self._counts(items, baseline),
+        )
         return {self.NAMES[k]: v for k, v in ci.items()}
 
 
-
 # ---- scoring the captions of runs on a split ----
+
 
 def captions_of(records: list[dict], items, runs) -> tuple[list, dict[str, list[str]]]:
     """The items every run described without error, and each run's captions of them, in item order."""
@@ -296,9 +328,17 @@ def captions_of(records: list[dict], items, runs) -> tuple[list, dict[str, list[
     from neverfade.runner import is_for, item_score
 
     best = best_records(records, item_score(items))
-    ok = {run.id: {it.id: rec["caption"] for it in items if (rec := best.get((it.id, run.id))) is not None
-                   and is_for(rec, it) and rec.get("error") is None and rec.get("caption") is not None}
-          for run in runs}
+    ok = {
+        run.id: {
+            it.id: rec["caption"]
+            for it in items
+            if (rec := best.get((it.id, run.id))) is not None
+            and is_for(rec, it)
+            and rec.get("error") is None
+            and rec.get("caption") is not None
+        }
+        for run in runs
+    }
     common = [it for it in items if all(it.id in ok[run.id] for run in runs)]
     return common, {run.id: [ok[run.id][it.id] for it in common] for run in runs}
 
@@ -326,7 +366,8 @@ def test_report(split, records: list[dict], baseline, tuned, n_boot: int, metric
         "n": len(common),
         "baseline": {"overall": scores["baseline"], "ci": split.interval(common, base, None, n_boot)},
         "tuned": {"overall": scores["tuned"], "ci": split.interval(common, mine, None, n_boot)},
-        "difference": diff, "difference_ci": diff_ci,
+        "difference": diff,
+        "difference_ci": diff_ci,
         "bootstrap": {"n": n_boot, "level": 0.95, "over": "images, paired"},
         "verdict": _verdict(diff_ci[key], METRICS[metric][1]),
     }
@@ -340,6 +381,7 @@ def _verdict(interval, sign: int) -> str:
 
 
 # ---- the params file ----
+
 
 def write_params(path: str | Path, data: dict[str, Any]) -> None:
     from neverfade.eval.report import write_json
@@ -358,8 +400,11 @@ def read_params(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--params {path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"--params {path}: not a params file ({err})") from None
-    if not isinstance(data, dict) or data.get("neverfade_params") != PARAMS_FORMAT or not isinstance(
-            data.get("method"), str):
+    if (
+        not isinstance(data, dict)
+        or data.get("neverfade_params") != PARAMS_FORMAT
+        or not isinstance(data.get("method"), str)
+    ):
         raise ValueError(f"--params {path}: not a params file written by neverfade tune")
     try:
         parse_spec(data["method"])

@@ -28,11 +28,10 @@ def generate(model, processor, scenes, batch_size=25, max_new_tokens=400):
     text = processor.apply_chat_template(user_message(DESCRIBE_PROMPTS[0]), add_generation_prompt=True)
     out_ids, captions = [], []
     for i in range(0, len(scenes), batch_size):
-        chunk = scenes[i:i + batch_size]
-        inputs = processor(text=[text] * len(chunk), images=[s.image for s in chunk], return_tensors="pt",
-                           padding=True)
+        chunk = scenes[i : i + batch_size]
+        inputs = processor(text=[text] * len(chunk), images=[s.image for s in chunk], return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = out[:, inputs["input_ids"].shape[1] :]
         for row in new:
             row = row[row != processor.tokenizer.pad_token_id]
             out_ids.append(row)
@@ -78,9 +77,13 @@ def main(argv=None):
             b = next(i for i in range(len(BINS) - 1) if BINS[i] <= k < BINS[i + 1])
             sums[b] = sums[b] + share[:, k]
             counts[b] += 1
-    by_bin = {f"{BINS[b]}-{BINS[b + 1] - 1}": {"tokens": counts[b], "share_by_layer": [round(float(x), 4)
-                                                                                       for x in sums[b] / counts[b]]}
-              for b in sorted(sums)}
+    by_bin = {
+        f"{BINS[b]}-{BINS[b + 1] - 1}": {
+            "tokens": counts[b],
+            "share_by_layer": [round(float(x), 4) for x in sums[b] / counts[b]],
+        }
+        for b in sorted(sums)
+    }
 
     rank_total, rank_hall = defaultdict(int), defaultdict(int)
     for scene, caption in zip(scenes, captions):
@@ -93,10 +96,18 @@ def main(argv=None):
             rank_hall[len(seen)] += m.kind not in scene.kinds
     by_rank = {r: {"mentions": rank_total[r], "hallucinated": rank_hall[r]} for r in sorted(rank_total)}
 
-    result = {"model": args.model, "scenes": args.scenes, "metrics": metrics,
-              "image_attention_share_by_caption_tokens": by_bin, "hallucination_by_mention_rank": by_rank,
-              "hallucinated": {"total": len(hallucinated), "partner_of_a_present_kind": partner,
-                               "kinds": dict(Counter(k for k, _ in hallucinated).most_common())}}
+    result = {
+        "model": args.model,
+        "scenes": args.scenes,
+        "metrics": metrics,
+        "image_attention_share_by_caption_tokens": by_bin,
+        "hallucination_by_mention_rank": by_rank,
+        "hallucinated": {
+            "total": len(hallucinated),
+            "partner_of_a_present_kind": partner,
+            "kinds": dict(Counter(k for k, _ in hallucinated).most_common()),
+        },
+    }
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

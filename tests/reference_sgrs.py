@@ -4,7 +4,6 @@ one backward per candidate, python lists. It shares no code with neverfade's loo
 from __future__ import annotations
 
 import torch
-
 from conftest import full_forward_inputs
 
 

@@ -7,7 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import full_forward_inputs, make_images
 from PIL import Image
+from reference_sparc import ReferenceSPARC
 from transformers import AutoModelForImageTextToText
 
 import neverfade
@@ -16,8 +18,6 @@ from neverfade.analysis.grid import token_grid
 from neverfade.analysis.run import analyze_setting
 from neverfade.cli import main
 from neverfade.data.items import Item
-from conftest import full_forward_inputs, make_images
-from reference_sparc import ReferenceSPARC
 
 LAYER = 2
 SPARC = dict(tau=0.05, alpha=1.5, layer=LAYER)
@@ -47,11 +47,11 @@ def test_share_and_maps_equal_eager_attention(tiny_models, image_item):
     [a] = analyze_setting(c, [image_item], neverfade.DEFAULT_PROMPT, 12, layer=LAYER, saliency_tokens=["none"])
     inputs = prompt_inputs(c, image_item.image)
     out = c.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    new_ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     ref = eager_attentions(tiny_models["llava"], inputs, new_ids[:-1])
     prompt_len = inputs["input_ids"].shape[1]
     image = inputs["input_ids"][0] == c.model.config.image_token_id
-    rows = ref.attentions[LAYER][0, :, prompt_len - 1:, :].mean(0)  # (n, T): the row that wrote each new token
+    rows = ref.attentions[LAYER][0, :, prompt_len - 1 :, :].mean(0)  # (n, T): the row that wrote each new token
     assert len(a.share) == len(new_ids) == 12
     expected_share = rows[:, :prompt_len][:, image].sum(-1)
     np.testing.assert_allclose(a.share, expected_share.numpy(), atol=1e-5)
@@ -87,8 +87,9 @@ def test_selection_counts_equal_the_plain_sparc_reference(tiny_models, image_ite
 def test_saliency_equals_plain_autograd(tiny_models, image_item, methods):
     """With SPARC attached too: its reweighting is a product, so the saliency read before it equals the one after
     (the reference then weights the value cache as the authors do)."""
-    c = neverfade.load(tiny_models["llava"], device="cpu", methods=methods,
-                       method_params={"sparc": SPARC} if methods else None)
+    c = neverfade.load(
+        tiny_models["llava"], device="cpu", methods=methods, method_params={"sparc": SPARC} if methods else None
+    )
     [a] = analyze_setting(c, [image_item], neverfade.DEFAULT_PROMPT, 10, saliency_tokens=[1, 4, 7])
     inputs = prompt_inputs(c, image_item.image)
     model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava"], attn_implementation="eager").eval()
@@ -114,9 +115,11 @@ def test_saliency_equals_plain_autograd(tiny_models, image_item, methods):
         sal = torch.stack([(att[0, :, -1] * g[0, :, -1]).abs().mean(0) for att, g in zip(fwd.attentions, grads)])
         sal = sal / sal.norm(dim=-1, keepdim=True)
         np.testing.assert_allclose(entry["output"], sal[:, prompt_len:].detach().numpy(), atol=1e-5)
-        np.testing.assert_allclose(entry["image"].reshape(len(sal), -1),
-                                   sal[:, :prompt_len][:, inputs["input_ids"][0] == c.model.config.image_token_id]
-                                   .detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            entry["image"].reshape(len(sal), -1),
+            sal[:, :prompt_len][:, inputs["input_ids"][0] == c.model.config.image_token_id].detach().numpy(),
+            atol=1e-5,
+        )
         assert entry["image"].max() > 0
 
 
@@ -131,7 +134,7 @@ def _reference_forward_with_sparc(model, inputs, ids):
     with torch.no_grad():
         model(input_ids=ids[:, :prompt_len], use_cache=True, **compat.with_cache(extra, cache))
         for j in range(prompt_len, ids.shape[1] - 1):
-            model(input_ids=ids[:, j:j + 1], use_cache=True, **compat.with_cache({}, cache))
+            model(input_ids=ids[:, j : j + 1], use_cache=True, **compat.with_cache({}, cache))
     last = ids[:, -1:] if ids.shape[1] > prompt_len else None
     if last is None:
         return model(input_ids=ids, output_attentions=True, **extra)
@@ -158,8 +161,9 @@ def test_token_grids_cover_the_image_tokens(tiny_models, family):
 
 def test_analyze_command_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "analysis"
-    code = main(["analyze", "--samples", "1", "--method", "sparc", "--vs-baseline", "--max-new-tokens", "48",
-                 "--out", str(out)])
+    code = main(
+        ["analyze", "--samples", "1", "--method", "sparc", "--vs-baseline", "--max-new-tokens", "48", "--out", str(out)]
+    )
     assert code == 0
     report = json.loads((out / "analysis.json").read_text())
     assert [s["label"] for s in report["settings"]] == ["sparc", "baseline"]

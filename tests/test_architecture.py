@@ -55,7 +55,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt, path + [nxt])):
                 return found
         state[node] = 2
@@ -74,8 +74,11 @@ def test_no_import_loop_between_packages():
 
 
 def test_no_library_module_imports_the_command_line():
-    offenders = {module: sorted(n for n in names if n.startswith(CLI))
-                 for module, names in imports().items() if not module.startswith(CLI)}
+    offenders = {
+        module: sorted(n for n in names if n.startswith(CLI))
+        for module, names in imports().items()
+        if not module.startswith(CLI)
+    }
     assert {m: n for m, n in offenders.items() if n} == {}
 
 
@@ -87,8 +90,10 @@ def test_the_engine_depends_on_no_method():
 @pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"]])
 def test_help_imports_neither_torch_nor_transformers(argv):
     """`neverfade --help` stays fast on a small CPU (the issue's bound: 1.5 s) by importing only the command named."""
-    code = ("import sys, runpy; sys.argv = ['neverfade', *sys.argv[1:]]\n"
-            "try:\n    runpy.run_module('neverfade', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, runpy; sys.argv = ['neverfade', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('neverfade', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

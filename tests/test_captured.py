@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import neverfade
-from neverfade.cli import main
 from neverfade import decoding
+from neverfade.cli import main
 from neverfade.decoding.captured import CaptureFailed, StaticLoop
 from tests.conftest import make_images
 
@@ -52,8 +52,10 @@ def test_static_loop_stops_and_pads_where_generate_does(tiny_models):
     inputs = c.inputs(make_images())
     free = _generate(c, "eager", inputs, max_new_tokens=STEPS, do_sample=False).sequences[:, -STEPS:]
     eos = [int(free[0, 9]), int(free[1, 3]), int(free[2, 6])]  # each sequence ends by its step 10, at its own step
-    runs = [_generate(c, mode, inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos).sequences
-            for mode in ("eager", "static")]
+    runs = [
+        _generate(c, mode, inputs, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos).sequences
+        for mode in ("eager", "static")
+    ]
     assert runs[0].shape[1] <= inputs["input_ids"].shape[1] + 10, "generation must stop early here"
     assert (runs[0][:, -1] == c.model.generation_config.pad_token_id).any(), "a sequence that ended first is padded"
     assert torch.equal(runs[0], runs[1])
@@ -86,9 +88,32 @@ def test_decode_path_follows_methods_and_device(tiny_models):
 
 def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", tiny_models["llava"], "--device", "cpu", "--batch-sizes", "2",
-                 "--new-tokens", "6", "--repeats", "1", "--decode", "captured", "--method", "sparc", "--method",
-                 "naive+locore", "--check", "--check-tokens", "10", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            tiny_models["llava"],
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "2",
+            "--new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--decode",
+            "captured",
+            "--method",
+            "sparc",
+            "--method",
+            "naive+locore",
+            "--check",
+            "--check-tokens",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     rows = {r["setting"]: r for r in report["rows"]}
@@ -103,9 +128,13 @@ def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
     image_tokens = int((ids == c.model.config.image_token_id).sum())
     # SPARC keeps an EMA (float32), a weight (float32) and a pending selection (bool) per prompt position
     assert rows["sparc"]["state_floats_per_image_token"]["sparc"] == pytest.approx(
-        9 / 4 * ids.numel() / image_tokens, abs=1e-3)
+        9 / 4 * ids.numel() / image_tokens, abs=1e-3
+    )
     assert [(k["setting"], k["reference"], k["same"]) for k in report["checks"]] == [
-        ("baseline", "eager", True), ("sparc", "eager", True), ("naive+locore", "eager", True)]
+        ("baseline", "eager", True),
+        ("sparc", "eager", True),
+        ("naive+locore", "eager", True),
+    ]
     assert "x baseline" in capsys.readouterr().out
 
 
@@ -115,8 +144,12 @@ def test_a_step_that_cannot_be_captured_is_an_error_naming_the_versions(tiny_mod
     inputs = c.inputs(make_images())
     forced = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
     with pytest.raises(CaptureFailed) as failed, torch.no_grad():
-        c.model.generate(**inputs, cache_implementation="static", **forced,
-                         custom_generate=decoding.custom_generate("static", capture=True))
+        c.model.generate(
+            **inputs,
+            cache_implementation="static",
+            **forced,
+            custom_generate=decoding.custom_generate("static", capture=True),
+        )
     message = str(failed.value)
     assert "\n" not in message and f"transformers {transformers.__version__}" in message
     assert "--decode eager" in message

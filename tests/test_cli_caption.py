@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_images
 
 from neverfade.cli import main
 from neverfade.results import read_records
-from conftest import make_images
 
 
 def write_folder(folder: Path, n_good: int) -> Path:
@@ -31,9 +31,25 @@ def test_folder_with_bad_images_records_them_and_goes_on(tiny_models, tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (folder / "empty.png").write_bytes(b"")
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run(cli(str(folder), "--model", tiny_models["llava"], "--method", "sparc", "--sparc-tau", "0.05",
-                              "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out)),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        cli(
+            str(folder),
+            "--model",
+            tiny_models["llava"],
+            "--method",
+            "sparc",
+            "--sparc-tau",
+            "0.05",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stderr
     records = {r["id"]: r for r in read_records(out)}
     assert sorted(records) == ["broken.jpg", "empty.png", "img000.png", "img001.png", "img002.png"]
@@ -42,8 +58,9 @@ def test_folder_with_bad_images_records_them_and_goes_on(tiny_models, tmp_path):
     for good in ("img000.png", "img001.png", "img002.png"):
         r = records[good]
         assert r["error"] is None and isinstance(r["caption"], str) and r["new_tokens"] == 6
-        assert r["methods"] == [{"name": "sparc", "params": {"alpha": 1.1, "beta": 0.1, "tau": 0.05, "layer": 2,
-                                                              "start": 0, "end": 3}}]
+        assert r["methods"] == [
+            {"name": "sparc", "params": {"alpha": 1.1, "beta": 0.1, "tau": 0.05, "layer": 2, "start": 0, "end": 3}}
+        ]
         assert r["model"] == tiny_models["llava"] and r["seconds"] > 0
     assert "2 images could not be read" in proc.stderr
 
@@ -64,8 +81,19 @@ def _run_until_records(cmd, out: Path, at_least: int, sig) -> int:
 def test_interrupted_run_resumes_without_loss_or_repeats(tiny_models, tmp_path, sig):
     n = 30
     folder = write_folder(tmp_path / "images", n)
-    args = [str(folder), "--model", tiny_models["qwen2_vl"], "--method", "sparc", "--sparc-tau", "0.05",
-            "--max-new-tokens", "40", "--batch-size", "1"]
+    args = [
+        str(folder),
+        "--model",
+        tiny_models["qwen2_vl"],
+        "--method",
+        "sparc",
+        "--sparc-tau",
+        "0.05",
+        "--max-new-tokens",
+        "40",
+        "--batch-size",
+        "1",
+    ]
     whole = tmp_path / "whole.jsonl"
     subprocess.run(cli(*args, "--out", str(whole)), check=True, capture_output=True)
 
@@ -89,11 +117,17 @@ def test_interrupted_run_resumes_without_loss_or_repeats(tiny_models, tmp_path, 
 def test_manifest_ids_and_prompts(tiny_models, tmp_path):
     folder = write_folder(tmp_path / "images", 2)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "first", "image": "images/img000.png", "prompt": "Describe."}) + "\n"
-                        + json.dumps({"image": "images/img001.png"}) + "\n")
+    manifest.write_text(
+        json.dumps({"id": "first", "image": "images/img000.png", "prompt": "Describe."})
+        + "\n"
+        + json.dumps({"image": "images/img001.png"})
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
-    assert main(["caption", str(manifest), "--model", tiny_models["llava"], "--max-new-tokens", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["caption", str(manifest), "--model", tiny_models["llava"], "--max-new-tokens", "3", "--out", str(out)])
+        == 0
+    )
     records = {r["id"]: r for r in read_records(out)}
     assert set(records) == {"first", "images/img001.png"}
     assert records["first"]["prompt"] == "Describe." and records["images/img001.png"]["prompt"] is None
@@ -113,8 +147,10 @@ BAD_INPUT = {
     "unsupported model": (["GOOD", "--model", "UNSUPPORTED"], "is not supported; supported architectures"),
     "missing model folder": (["GOOD", "--model", "./no/such-model-dir"], "no such model folder"),
     "unknown random family": (["GOOD", "--model", "random:gpt"], "unknown family 'gpt'"),
-    "min above max tokens": (["GOOD", "--min-new-tokens", "9", "--max-new-tokens", "8"],
-                             "--min-new-tokens must be between 0 and --max-new-tokens"),
+    "min above max tokens": (
+        ["GOOD", "--min-new-tokens", "9", "--max-new-tokens", "8"],
+        "--min-new-tokens must be between 0 and --max-new-tokens",
+    ),
 }
 
 
@@ -123,8 +159,22 @@ def test_min_new_tokens_forces_the_length(tmp_path):
     lengths = {}
     for forced in (0, 600):
         out = tmp_path / f"{forced}.jsonl"
-        assert main(["caption", "--samples", "2", "--max-new-tokens", "600", "--min-new-tokens", str(forced),
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "caption",
+                    "--samples",
+                    "2",
+                    "--max-new-tokens",
+                    "600",
+                    "--min-new-tokens",
+                    str(forced),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         lengths[forced] = [r["new_tokens"] for r in read_records(out)]
     assert max(lengths[0]) < 600, "the free captions must end before the limit for this test to mean anything"
     assert lengths[600] == [600, 600]
@@ -140,10 +190,16 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path, capsys, case):
     if "UNSUPPORTED" in args:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, vocab_size=64)).save_pretrained(tmp_path / "llama")
-    subst = {"EMPTY": tmp_path / "empty", "CORRUPT": tmp_path / "bad.png", "GOOD": tmp_path / "good.png",
-             "MANIFEST": tmp_path / "m.jsonl", "UNSUPPORTED": tmp_path / "llama"}
+        LlamaForCausalLM(
+            LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+        ).save_pretrained(tmp_path / "llama")
+    subst = {
+        "EMPTY": tmp_path / "empty",
+        "CORRUPT": tmp_path / "bad.png",
+        "GOOD": tmp_path / "good.png",
+        "MANIFEST": tmp_path / "m.jsonl",
+        "UNSUPPORTED": tmp_path / "llama",
+    }
     args = [str(subst.get(a, a)) for a in args]
     if "--model" not in args:
         args += ["--model", tiny_models["llava"]]
@@ -164,8 +220,23 @@ def test_caption_runs_every_method(tiny_models, tmp_path, method):
 
     make_images()[2].save(tmp_path / "one.png")
     out = tmp_path / "out.jsonl"
-    assert main(["caption", str(tmp_path / "one.png"), "--model", tiny_models["llava"], "--method", method,
-                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(tmp_path / "one.png"),
+                "--model",
+                tiny_models["llava"],
+                "--method",
+                method,
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     [record] = read_records(out)
     [described] = record["methods"]
     assert described["name"] == method
@@ -176,7 +247,25 @@ def test_caption_runs_every_method(tiny_models, tmp_path, method):
 def test_boolean_method_flag(tiny_models, tmp_path):
     make_images()[0].save(tmp_path / "one.png")
     out = tmp_path / "out.jsonl"
-    assert main(["caption", str(tmp_path / "one.png"), "--model", tiny_models["qwen2_vl"], "--method", "pai",
-                 "--pai-cfg", "--pai-gamma", "1.5", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(tmp_path / "one.png"),
+                "--model",
+                tiny_models["qwen2_vl"],
+                "--method",
+                "pai",
+                "--pai-cfg",
+                "--pai-gamma",
+                "1.5",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     params = read_records(out)[0]["methods"][0]["params"]
     assert params["cfg"] is True and params["gamma"] == 1.5

@@ -27,8 +27,10 @@ def test_the_installed_release_is_supported():
     assert compat.supported(), f"CI must run a supported transformers, not {transformers.__version__}"
 
 
-@pytest.mark.parametrize("version, expected", [("5.17.0", True), ("5.24.0", True), ("5.24.1.dev0", True),
-                                               ("5.16.2", False), ("5.25.0", False), ("6.0.0", False)])
+@pytest.mark.parametrize(
+    "version, expected",
+    [("5.17.0", True), ("5.24.0", True), ("5.24.1.dev0", True), ("5.16.2", False), ("5.25.0", False), ("6.0.0", False)],
+)
 def test_supported_compares_minors(version, expected):
     assert compat.supported(version) is expected
 
@@ -55,13 +57,20 @@ def test_the_cache_name_is_the_installed_one():
 
 
 def test_every_private_helper_exists():
-    for name in ("_update_model_kwargs_for_generation", "_get_top_k_continuations",
-                 "_get_running_beams_for_next_iteration", "_update_finished_beams", "_check_early_stop_heuristic",
-                 "_beam_search_has_unfinished_sequences", "prepare_inputs_for_generation"):
+    for name in (
+        "_update_model_kwargs_for_generation",
+        "_get_top_k_continuations",
+        "_get_running_beams_for_next_iteration",
+        "_update_finished_beams",
+        "_check_early_stop_heuristic",
+        "_beam_search_has_unfinished_sequences",
+        "prepare_inputs_for_generation",
+    ):
         assert callable(getattr(GenerationMixin, name, None)), name
     from transformers import GenerationConfig
 
-    assert {"_pad_token_tensor", "_eos_token_tensor"} <= set(dir(GenerationConfig()) + list(
-        GenerationConfig.__annotations__))
+    assert {"_pad_token_tensor", "_eos_token_tensor"} <= set(
+        dir(GenerationConfig()) + list(GenerationConfig.__annotations__)
+    )
     with pytest.raises(compat.UnsupportedTransformers, match="no beam-search helper"):
         compat.beam_helper(object(), "_renamed_helper", {})

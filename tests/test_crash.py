@@ -56,8 +56,24 @@ def kill_at_random_point(cmd: list[str], out: Path, rng: random.Random) -> int |
 
 def test_killed_again_and_again_then_resumed_gives_the_uninterrupted_records(tiny_models, tmp_path):
     folder = write_folder(tmp_path / "images", N_IMAGES)
-    cmd = [sys.executable, "-m", "neverfade", "caption", str(folder), "--model", tiny_models["llava"],
-           "--method", "sparc", "--sparc-tau", "0.05", "--vs-baseline", "--max-new-tokens", "48", "--batch-size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "neverfade",
+        "caption",
+        str(folder),
+        "--model",
+        tiny_models["llava"],
+        "--method",
+        "sparc",
+        "--sparc-tau",
+        "0.05",
+        "--vs-baseline",
+        "--max-new-tokens",
+        "48",
+        "--batch-size",
+        "2",
+    ]
     whole = tmp_path / "whole.jsonl"
     subprocess.run(cmd + ["--out", str(whole)], check=True, capture_output=True)
     expected = strict_records(whole)
@@ -78,5 +94,6 @@ def test_killed_again_and_again_then_resumed_gives_the_uninterrupted_records(tin
     keys = [(r["id"], r["run"]) for r in records]
     assert len(keys) == len(set(keys)) == 2 * N_IMAGES
     fields = ("id", "run", "methods", "caption", "new_tokens", "error")
-    assert ({tuple(json.dumps(r[f]) for f in fields) for r in records}
-            == {tuple(json.dumps(r[f]) for f in fields) for r in expected})
+    assert {tuple(json.dumps(r[f]) for f in fields) for r in records} == {
+        tuple(json.dumps(r[f]) for f in fields) for r in expected
+    }

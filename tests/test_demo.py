@@ -17,8 +17,16 @@ from neverfade.methods import BASELINE, METHODS
 from neverfade.scenes import make_scene
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "demo"
 TOKENS = 60
 
@@ -66,13 +74,16 @@ def events(body: bytes) -> list[dict]:
 
 def overlay_pixels(page, pane) -> int:
     """Non-transparent pixels of the pane's heatmap overlay (the image is on a canvas of its own, below)."""
-    return page.evaluate("""(pane) => {
+    return page.evaluate(
+        """(pane) => {
         const c = pane.querySelector('canvas.heat-overlay');
         const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0;
         for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n++;
         return n;
-    }""", pane)
+    }""",
+        pane,
+    )
 
 
 def test_upload_run_captions_and_heatmap(page, server, tmp_path):
@@ -132,11 +143,14 @@ def test_sample_scene_marks_objects_right_and_wrong(page):
         assert missed.inner_text().startswith("Missed:")
 
 
-@pytest.mark.parametrize("choose, expected", [
-    (None, "no image: upload an image file or pick a sample"),
-    ("text", "the file is not an image (PNG, JPEG, GIF, BMP or WebP expected)"),
-    ("huge", "the file is 50.0 MB; the limit is 20 MB"),
-])
+@pytest.mark.parametrize(
+    "choose, expected",
+    [
+        (None, "no image: upload an image file or pick a sample"),
+        ("text", "the file is not an image (PNG, JPEG, GIF, BMP or WebP expected)"),
+        ("huge", "the file is 50.0 MB; the limit is 20 MB"),
+    ],
+)
 def test_bad_uploads_show_a_clear_message_on_the_page(page, tmp_path, choose, expected):
     if choose == "text":
         path = tmp_path / "notes.png"
@@ -161,15 +175,31 @@ def test_bad_requests_get_a_clear_message_and_status(server):
 
     known = ", ".join([BASELINE, *METHODS])
     check(f"{server}/api/caption?methods=baseline", b"", 400, "no image: upload an image file or pick a sample")
-    check(f"{server}/api/caption?methods=baseline", b"x" * (50 * 1024 * 1024), 413,
-          "the file is 50.0 MB; the limit is 20 MB")
-    check(f"{server}/api/caption?methods=baseline", b"%PDF-1.4 not an image", 415,
-          "the file is not an image (PNG, JPEG, GIF, BMP or WebP expected)")
-    check(f"{server}/api/caption?methods=baseline,telepathy&sample=scene-00000", b"", 400,
-          f"unknown method 'telepathy'; known: {known}")
+    check(
+        f"{server}/api/caption?methods=baseline",
+        b"x" * (50 * 1024 * 1024),
+        413,
+        "the file is 50.0 MB; the limit is 20 MB",
+    )
+    check(
+        f"{server}/api/caption?methods=baseline",
+        b"%PDF-1.4 not an image",
+        415,
+        "the file is not an image (PNG, JPEG, GIF, BMP or WebP expected)",
+    )
+    check(
+        f"{server}/api/caption?methods=baseline,telepathy&sample=scene-00000",
+        b"",
+        400,
+        f"unknown method 'telepathy'; known: {known}",
+    )
     check(f"{server}/api/caption?methods=&sample=scene-00000", b"", 400, "choose at least one method")
-    check(f"{server}/api/caption?methods=baseline&sample=scene-99999", b"", 404,
-          "no sample named 'scene-99999'; pick one of the samples shown")
+    check(
+        f"{server}/api/caption?methods=baseline&sample=scene-99999",
+        b"",
+        404,
+        "no sample named 'scene-99999'; pick one of the samples shown",
+    )
     check(f"{server}/api/nothing", b"", 404, "not found: /api/nothing")
 
 

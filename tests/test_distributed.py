@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_images
+
 from neverfade import distributed
 from neverfade.cli import main
 from neverfade.distributed import Ranks
@@ -37,8 +37,21 @@ def essentials(records: list[dict]) -> list[tuple]:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "localhost:0", "-m", "neverfade", "caption", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        "-m",
+        "neverfade",
+        "caption",
+        *args,
+    ]
 
 
 def rank_pid(parent: int, rank: int) -> int | None:
@@ -63,12 +76,28 @@ def lines_of(path: Path) -> int:
 
 def test_two_ranks_equal_one_process_and_a_rerun_finishes_a_killed_rank(tiny_models, tmp_path):
     folder = write_folder(tmp_path / "images", N_IMAGES)
-    args = [str(folder), "--model", tiny_models["llava"], "--method", "sparc", "--sparc-tau", "0.05", "--vs-baseline",
-            "--max-new-tokens", "48", "--batch-size", "2"]
+    args = [
+        str(folder),
+        "--model",
+        tiny_models["llava"],
+        "--method",
+        "sparc",
+        "--sparc-tau",
+        "0.05",
+        "--vs-baseline",
+        "--max-new-tokens",
+        "48",
+        "--batch-size",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets for its workers
     single = tmp_path / "single.jsonl"
-    subprocess.run([sys.executable, "-m", "neverfade", "caption", *args, "--out", str(single)], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "neverfade", "caption", *args, "--out", str(single)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     expected = read_records(single)
     assert len(expected) == 2 * N_IMAGES
 
@@ -81,8 +110,9 @@ def test_two_ranks_equal_one_process_and_a_rerun_finishes_a_killed_rank(tiny_mod
 
     # kill rank 1 as soon as it has written its first batch; torchrun then stops rank 0 too
     out = tmp_path / "killed.jsonl"
-    run = subprocess.Popen(torchrun(2, *args, "--out", str(out)), env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        torchrun(2, *args, "--out", str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     part, deadline, killed = part_path(out, 1, 2), time.time() + 120, None
     while run.poll() is None and time.time() < deadline:
         if lines_of(part) >= 1:
@@ -128,8 +158,9 @@ def test_a_run_of_another_world_size_finishes_the_parts(tiny_models, tmp_path, m
     kept = expected[0:3] + expected[4:5] + expected[7:9]
 
     real, described = Captioner.caption, []
-    monkeypatch.setattr(Captioner, "caption", lambda self, images, *a, **kw: (described.extend(images),
-                                                                             real(self, images, *a, **kw))[1])
+    monkeypatch.setattr(
+        Captioner, "caption", lambda self, images, *a, **kw: (described.extend(images), real(self, images, *a, **kw))[1]
+    )
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 0
     assert f"resuming: {len(kept)} records already done" in capsys.readouterr().err
@@ -181,9 +212,11 @@ def test_each_rank_gets_its_gpu_and_nccl(monkeypatch):
     distributed.start(ranks, "cuda:3")
     distributed.start(ranks, "cpu")
     distributed.start(Ranks(), "cuda:0")  # one process: no process group
-    assert calls == [("set_device", "cuda:3"),
-                     ("nccl", {"timeout": distributed.TIMEOUT, "device_id": torch.device("cuda:3")}),
-                     ("gloo", {"timeout": distributed.TIMEOUT, "device_id": None})]
+    assert calls == [
+        ("set_device", "cuda:3"),
+        ("nccl", {"timeout": distributed.TIMEOUT, "device_id": torch.device("cuda:3")}),
+        ("gloo", {"timeout": distributed.TIMEOUT, "device_id": None}),
+    ]
 
 
 @pytest.mark.parametrize("env", [{}, {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}], ids=["plain", "torchrun-1"])

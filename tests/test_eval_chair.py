@@ -16,34 +16,41 @@ def categories(text):
     return [category for _, category in VOCAB.objects(text)]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Two hot dogs on a dining table next to wine glasses.", ["hot dog", "dining table", "wine glass"]),
-    ("A teddy bear, a cell phone, a fire hydrant and a stop sign.", ["teddy bear", "cell phone", "fire hydrant",
-                                                                    "stop sign"]),
-    ("A man on a motor bike near a bow tie.", ["person", "motorcycle", "tie"]),
-    # "toilet seat" is a toilet, and any seat beside a toilet is no chair (the original's rule)
-    ("The toilet seat is up.", ["toilet"]),
-    ("A seat next to the toilet.", ["toilet"]),
-    ("A chair and a seat.", ["chair", "chair"]),
-    # "baby"/"adult" before an animal, "passenger" before a vehicle, do not add a person
-    ("A baby elephant and an adult giraffe.", ["elephant", "giraffe"]),
-    ("A baby on a bed.", ["person", "bed"]),
-    ("A passenger train.", ["train"]),
-    ("Passengers board a train.", ["person", "train"]),
-    # phrases that are no objects keep their words from firing
-    ("Train tracks and home plate.", []),
-    # synonyms and plurals, irregular ones included
-    ("Mice, knives, geese, policemen, children, oxen and calves.", ["mouse", "knife", "bird", "person", "person",
-                                                                  "cow", "cow"]),
-    ("Buses, benches, puppies, ladies, people.", ["bus", "bench", "dog", "person", "person"]),
-    ("Skis, a ski and scissors.", ["skis", "skis", "scissors"]),
-    ("A kitten on a sofa watching television.", ["cat", "couch", "tv"]),
-    # no accidental objects: other words stay as written, hyphenated compounds are one word
-    ("Sunglasses, glasses, skiing, a tablecloth.", []),
-    ("A dog-shaped kite.", ["kite"]),
-    # punctuation stops a two-word phrase
-    ("Look, a baby. Bird on a wire.", ["person", "bird"]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two hot dogs on a dining table next to wine glasses.", ["hot dog", "dining table", "wine glass"]),
+        (
+            "A teddy bear, a cell phone, a fire hydrant and a stop sign.",
+            ["teddy bear", "cell phone", "fire hydrant", "stop sign"],
+        ),
+        ("A man on a motor bike near a bow tie.", ["person", "motorcycle", "tie"]),
+        # "toilet seat" is a toilet, and any seat beside a toilet is no chair (the original's rule)
+        ("The toilet seat is up.", ["toilet"]),
+        ("A seat next to the toilet.", ["toilet"]),
+        ("A chair and a seat.", ["chair", "chair"]),
+        # "baby"/"adult" before an animal, "passenger" before a vehicle, do not add a person
+        ("A baby elephant and an adult giraffe.", ["elephant", "giraffe"]),
+        ("A baby on a bed.", ["person", "bed"]),
+        ("A passenger train.", ["train"]),
+        ("Passengers board a train.", ["person", "train"]),
+        # phrases that are no objects keep their words from firing
+        ("Train tracks and home plate.", []),
+        # synonyms and plurals, irregular ones included
+        (
+            "Mice, knives, geese, policemen, children, oxen and calves.",
+            ["mouse", "knife", "bird", "person", "person", "cow", "cow"],
+        ),
+        ("Buses, benches, puppies, ladies, people.", ["bus", "bench", "dog", "person", "person"]),
+        ("Skis, a ski and scissors.", ["skis", "skis", "scissors"]),
+        ("A kitten on a sofa watching television.", ["cat", "couch", "tv"]),
+        # no accidental objects: other words stay as written, hyphenated compounds are one word
+        ("Sunglasses, glasses, skiing, a tablecloth.", []),
+        ("A dog-shaped kite.", ["kite"]),
+        # punctuation stops a two-word phrase
+        ("Look, a baby. Bird on a wire.", ["person", "bird"]),
+    ],
+)
 def test_objects_in_text(text, expected):
     assert categories(text) == expected
 
@@ -59,8 +66,10 @@ def test_caption_length_in_words():
 
 
 VAL = {
-    1: (["dining table", "person", "person", "cup"], ["A man sitting at a table with a cup of coffee.",
-                                                      "Two people eating hot dogs."]),
+    1: (
+        ["dining table", "person", "person", "cup"],
+        ["A man sitting at a table with a cup of coffee.", "Two people eating hot dogs."],
+    ),
     2: (["toilet", "sink"], ["A bathroom with a toilet seat up and a sink."]),
     3: (["train"], ["A passenger train on the train tracks."]),
     4: (["teddy bear", "bed"], ["A teddy bear lying on a bed."]),
@@ -163,12 +172,15 @@ def test_missing_and_malformed_annotation_files_are_named(tmp_path):
 
 
 def test_caption_files_skip_errors_split_runs_and_ignore_a_torn_tail(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"id": "1", "run": "a", "caption": None, "error": "timeout", "methods": []},
-        {"id": "1", "run": "b", "caption": "x", "error": None, "methods": [{"name": "sparc", "params": {}}]},
-        {"id": "1", "run": "a", "caption": "retried", "error": None, "methods": []},
-        {"id": "2", "run": "a", "caption": None, "error": None, "methods": []},
-    ])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": "1", "run": "a", "caption": None, "error": "timeout", "methods": []},
+            {"id": "1", "run": "b", "caption": "x", "error": None, "methods": [{"name": "sparc", "params": {}}]},
+            {"id": "1", "run": "a", "caption": "retried", "error": None, "methods": []},
+            {"id": "2", "run": "a", "caption": None, "error": None, "methods": []},
+        ],
+    )
     with open(path, "a") as f:
         f.write('{"id": "3", "run": "a", "capt')
     a, b = captions.load_runs(path)
@@ -185,11 +197,28 @@ def test_caption_files_skip_errors_split_runs_and_ignore_a_torn_tail(tmp_path):
 def test_cli_compares_files_and_writes_results(annotations, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NEVERFADE_CACHE", str(tmp_path / "cache"))
     a = write_jsonl(tmp_path / "a.jsonl", CAPTIONS)
-    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "1", "caption": "A man at a table."},
-                                           {"id": "2", "caption": "A toilet."}])
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [{"id": "1", "caption": "A man at a table."}, {"id": "2", "caption": "A toilet."}]
+    )
     out = tmp_path / "r.json"
-    assert main(["eval", "chair", str(a), "--compare", str(b), "--coco", str(annotations), "--out", str(out),
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "chair",
+                str(a),
+                "--compare",
+                str(b),
+                "--coco",
+                str(annotations),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     row_a = next(line for line in printed.splitlines() if line.startswith("a "))
     row_b = next(line for line in printed.splitlines() if line.startswith("b "))

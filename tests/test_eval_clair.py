@@ -32,8 +32,7 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][0]["content"]
                 with server.lock:
-                    server.requests.append({"path": self.path, "body": body,
-                                            "auth": self.headers.get("Authorization")})
+                    server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                     n = len(server.requests)
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
@@ -79,14 +78,17 @@ def judge(server, **kw):
     return clair.Judge(server.url, "judge-1", **{"timeout": 5.0, **kw})
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"score": 75, "reason": "same dog"}', (75.0, "same dog")),
-    ('Here you go: {"score": 60}', (60.0, "Unknown")),
-    ("Score: 0.85. Reason: both show a red bus", (85.0, "both show a red bus")),  # below 1: taken as normalised
-    ("I would say 70 out of 100.", (70.0, "Unknown")),
-    ('{"score": "high"} so 40', (40.0, "Unknown")),
-    ("I cannot tell.", (None, None)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"score": 75, "reason": "same dog"}', (75.0, "same dog")),
+        ('Here you go: {"score": 60}', (60.0, "Unknown")),
+        ("Score: 0.85. Reason: both show a red bus", (85.0, "both show a red bus")),  # below 1: taken as normalised
+        ("I would say 70 out of 100.", (70.0, "Unknown")),
+        ('{"score": "high"} so 40', (40.0, "Unknown")),
+        ("I cannot tell.", (None, None)),
+    ],
+)
 def test_parsing_is_the_originals(text, expected):
     assert clair.parse(text) == expected
 
@@ -102,12 +104,16 @@ def test_request_is_chat_completions_with_the_key(server, tmp_path):
         "You are trying to tell if a candidate set of captions is describing the same image as a reference set of "
         "captions.\nCandidate set:\n- A dog.\n\nReference set:\n- A brown dog.\n- A puppy.\n\nOn a precise scale "
         "from 0 to 100, how likely is it that the candidate set is describing the same image as the reference set? "
-        '(JSON format, with a key "score", value between 0 and 100, and a key "reason" with a string value.)\n')
+        '(JSON format, with a key "score", value between 0 and 100, and a key "reason" with a string value.)\n'
+    )
 
 
 def test_429_is_retried_after_retry_after(server, tmp_path):
-    server.script = lambda n, p: ((429, {"error": "slow down"}, {"Retry-After": "0.3"}, 0) if n == 1
-                                  else (200, '{"score": 80, "reason": "r"}', {}, 0))
+    server.script = lambda n, p: (
+        (429, {"error": "slow down"}, {"Retry-After": "0.3"}, 0)
+        if n == 1
+        else (200, '{"score": 80, "reason": "r"}', {}, 0)
+    )
     start = time.monotonic()
     result = clair.score_one(judge(server), clair.AnswerCache(tmp_path / "c.jsonl"), ["a"], ["b"])
     assert time.monotonic() - start >= 0.3
@@ -115,8 +121,11 @@ def test_429_is_retried_after_retry_after(server, tmp_path):
 
 
 def test_time_outs_5xx_and_broken_answers_are_retried(server, tmp_path):
-    server.script = lambda n, p: {1: (200, "late", {}, 1.0), 2: (503, {}, {}, 0),
-                                  3: (200, b"<html>not json</html>", {}, 0)}.get(n, (200, '{"score": 10}', {}, 0))
+    server.script = lambda n, p: {
+        1: (200, "late", {}, 1.0),
+        2: (503, {}, {}, 0),
+        3: (200, b"<html>not json</html>", {}, 0),
+    }.get(n, (200, '{"score": 10}', {}, 0))
     result = clair.score_one(judge(server, timeout=0.3), clair.AnswerCache(tmp_path / "c.jsonl"), ["a"], ["b"])
     assert result["score"] == 0.1 and len(server.requests) == 4
 
@@ -182,8 +191,14 @@ REFERENCES = {f"im{i}": [f"reference {i}"] for i in range(8)}
 
 def test_calls_run_at_most_concurrency_at_once(server, tmp_path):
     server.script = lambda n, p: (200, '{"score": 40, "reason": "r"}', {}, 0.15)
-    result = clair.evaluate(captions.load(write_captions(tmp_path, 8)), REFERENCES, judge(server),
-                            clair.AnswerCache(tmp_path / "c.jsonl"), concurrency=3, n_boot=0)
+    result = clair.evaluate(
+        captions.load(write_captions(tmp_path, 8)),
+        REFERENCES,
+        judge(server),
+        clair.AnswerCache(tmp_path / "c.jsonl"),
+        concurrency=3,
+        n_boot=0,
+    )
     assert 2 <= server.most_in_flight <= 3
     assert result["overall"]["CLAIR"] == pytest.approx(0.4)
     assert [r["id"] for r in result["per_caption"]] == [f"im{i}" for i in range(8)]
@@ -193,19 +208,29 @@ def test_calls_run_at_most_concurrency_at_once(server, tmp_path):
 def test_an_interrupted_evaluation_resumes_without_asking_again(server, tmp_path):
     path = write_captions(tmp_path, 8)
     score_of = lambda prompt: 10 * int(prompt.split("- caption ")[1][0])  # noqa: E731
-    server.script = lambda n, p: ((200, json.dumps({"score": score_of(p), "reason": "r"}), {}, 0.02) if n <= 3
-                                  else (400, {"error": "stop"}, {}, 0))
+    server.script = lambda n, p: (
+        (200, json.dumps({"score": score_of(p), "reason": "r"}), {}, 0.02)
+        if n <= 3
+        else (400, {"error": "stop"}, {}, 0)
+    )
     with pytest.raises(clair.JudgeError, match="HTTP 400"):
-        clair.evaluate(captions.load(path), REFERENCES, judge(server), clair.AnswerCache(tmp_path / "c.jsonl"),
-                       concurrency=2, n_boot=0)
+        clair.evaluate(
+            captions.load(path),
+            REFERENCES,
+            judge(server),
+            clair.AnswerCache(tmp_path / "c.jsonl"),
+            concurrency=2,
+            n_boot=0,
+        )
     cached_first = len(server.answered)
     assert cached_first == 3 and len((tmp_path / "c.jsonl").read_text().splitlines()) == 3
     with open(tmp_path / "c.jsonl", "a") as f:
         f.write('{"key": "torn')  # what a killed process leaves
     requests_first = len(server.requests)
     server.script = lambda n, p: (200, json.dumps({"score": score_of(p), "reason": "r"}), {}, 0)
-    result = clair.evaluate(captions.load(path), REFERENCES, judge(server), clair.AnswerCache(tmp_path / "c.jsonl"),
-                            concurrency=2, n_boot=0)
+    result = clair.evaluate(
+        captions.load(path), REFERENCES, judge(server), clair.AnswerCache(tmp_path / "c.jsonl"), concurrency=2, n_boot=0
+    )
     assert len(server.requests) - requests_first == 8 - cached_first
     assert max(Counter(server.answered).values()) == 1  # no prompt answered twice over both runs
     assert [r["score"] for r in result["per_caption"]] == pytest.approx([i / 10 for i in range(8)])
@@ -213,15 +238,21 @@ def test_an_interrupted_evaluation_resumes_without_asking_again(server, tmp_path
 
 def test_captions_without_references_are_an_error(server, tmp_path):
     with pytest.raises(clair.AnnotationError, match="1 caption id\\(s\\) have no reference \\(first: 'im8'\\)"):
-        clair.evaluate(captions.load(write_captions(tmp_path, 9)), REFERENCES, judge(server),
-                       clair.AnswerCache(tmp_path / "c.jsonl"))
+        clair.evaluate(
+            captions.load(write_captions(tmp_path, 9)),
+            REFERENCES,
+            judge(server),
+            clair.AnswerCache(tmp_path / "c.jsonl"),
+        )
     assert server.requests == []
 
 
 def test_references_from_iiw_docci_or_plain_jsonl(tmp_path):
     iiw = write_jsonl(tmp_path / "iiw.jsonl", [{"image/key": "aar_test_1", "IIW": "A long description."}])
-    docci = write_jsonl(tmp_path / "docci.jsonl", [{"example_id": "test_1", "image_file": "test_1.jpg",
-                                                    "description": "D.", "split": "test"}])
+    docci = write_jsonl(
+        tmp_path / "docci.jsonl",
+        [{"example_id": "test_1", "image_file": "test_1.jpg", "description": "D.", "split": "test"}],
+    )
     plain = write_jsonl(tmp_path / "refs.jsonl", [{"id": 7, "references": ["a", "b"]}, {"id": "8", "references": "c"}])
     assert clair.load_references(iiw) == {"aar_test_1": ["A long description."]}
     assert clair.load_references(docci) == {"test_1": ["D."]}
@@ -232,9 +263,25 @@ def test_cli_scores_saves_reasons_and_reuses_the_cache(server, tmp_path, capsys,
     server.script = lambda n, p: (200, '{"score": 62.5, "reason": "close"}', {}, 0)
     monkeypatch.setenv("JUDGE_KEY", "sk-env")
     refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": k, "references": v} for k, v in REFERENCES.items()])
-    args = ["eval", "clair", str(write_captions(tmp_path, 4)), "--references", str(refs), "--judge-url", server.url,
-            "--judge-model", "m", "--key-env", "JUDGE_KEY", "--cache", str(tmp_path / "c.jsonl"),
-            "--out", str(tmp_path / "r.json"), "--bootstrap", "0"]
+    args = [
+        "eval",
+        "clair",
+        str(write_captions(tmp_path, 4)),
+        "--references",
+        str(refs),
+        "--judge-url",
+        server.url,
+        "--judge-model",
+        "m",
+        "--key-env",
+        "JUDGE_KEY",
+        "--cache",
+        str(tmp_path / "c.jsonl"),
+        "--out",
+        str(tmp_path / "r.json"),
+        "--bootstrap",
+        "0",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[2].split() == ["caps", "62.50", "4"]
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -246,7 +293,8 @@ def test_cli_scores_saves_reasons_and_reuses_the_cache(server, tmp_path, capsys,
 
 def test_caption_ids_that_are_image_file_names_find_their_references(server, tmp_path):
     path = write_jsonl(tmp_path / "caps.jsonl", [{"id": "im3.jpg", "caption": "c"}])
-    result = clair.evaluate(captions.load(path), REFERENCES, judge(server), clair.AnswerCache(tmp_path / "c.jsonl"),
-                            n_boot=0)
+    result = clair.evaluate(
+        captions.load(path), REFERENCES, judge(server), clair.AnswerCache(tmp_path / "c.jsonl"), n_boot=0
+    )
     assert result["per_caption"][0]["id"] == "im3.jpg"
     assert "- reference 3\n" in server.requests[0]["body"]["messages"][0]["content"]

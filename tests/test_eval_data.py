@@ -42,10 +42,13 @@ def test_coco_errors_name_the_file(tmp_path):
 
 
 def test_iiw400_fields_and_variants(tmp_path):
-    path = write_jsonl(tmp_path / "data.jsonl", [
-        {"image/key": "aar_test_04600", "IIW": "A red kite.", "IIW-P5B": "model text", "objects": []},
-        {"image": "photo.png", "description": "A cat."},
-    ])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"image/key": "aar_test_04600", "IIW": "A red kite.", "IIW-P5B": "model text", "objects": []},
+            {"image": "photo.png", "description": "A cat."},
+        ],
+    )
     a, b = iiw400(path, "/imgs")
     assert (a.id, a.image, a.meta) == ("aar_test_04600", "/imgs/aar_test_04600.jpg", {"references": ["A red kite."]})
     assert (b.id, b.image, b.meta["references"]) == ("photo", "/imgs/photo.png", ["A cat."])
@@ -58,8 +61,16 @@ def test_iiw400_fields_and_variants(tmp_path):
 
 
 def test_docci_split_and_sampling(tmp_path):
-    records = [{"example_id": f"{split}_{i:05d}", "split": split, "image_file": f"{split}_{i:05d}.jpg",
-                "description": f"{split} {i}"} for split in ("train", "test") for i in range(5)]
+    records = [
+        {
+            "example_id": f"{split}_{i:05d}",
+            "split": split,
+            "image_file": f"{split}_{i:05d}.jpg",
+            "description": f"{split} {i}",
+        }
+        for split in ("train", "test")
+        for i in range(5)
+    ]
     path = write_jsonl(tmp_path / "docci_descriptions.jsonlines", records)
     test = docci(path, "/docci/images")
     assert [it.id for it in test] == [f"test_{i:05d}" for i in range(5)]
@@ -86,16 +97,38 @@ def test_manifests_for_the_caption_command(tmp_path, capsys):
 
     root = write_coco(tmp_path / "ann", IMAGES)
     out = tmp_path / "m" / "coco.jsonl"
-    assert main(["eval", "manifest", "coco", "--annotations", str(root), "--images", str(tmp_path / "val2014"),
-                 "--n", "3", "--seed", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "manifest",
+                "coco",
+                "--annotations",
+                str(root),
+                "--images",
+                str(tmp_path / "val2014"),
+                "--n",
+                "3",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     items = read_items(out)
     assert [it.id for it in items] == [it.id for it in coco2014(root, "", n=3, seed=1)]
     assert items[0].image == str(tmp_path / "val2014" / file_name(int(items[0].id)))
     iiw = write_jsonl(tmp_path / "iiw.jsonl", [{"image/key": f"k{i}", "IIW": "d"} for i in range(6)])
-    assert main(["eval", "manifest", "iiw", "--annotations", str(iiw), "--images", "imgs", "--n", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["eval", "manifest", "iiw", "--annotations", str(iiw), "--images", "imgs", "--n", "4", "--out", str(out)])
+        == 0
+    )
     ids = [it.id for it in read_items(out)]
     assert len(ids) == 4 and ids == sorted(ids) and set(ids) <= {f"k{i}" for i in range(6)}
-    assert main(["eval", "manifest", "iiw", "--annotations", str(iiw), "--images", "imgs", "--n", "7",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["eval", "manifest", "iiw", "--annotations", str(iiw), "--images", "imgs", "--n", "7", "--out", str(out)])
+        == 2
+    )
     assert "iiw.jsonl: 7 records asked for, 6 found" in capsys.readouterr().err

@@ -63,8 +63,12 @@ def test_popular_negatives_are_the_most_frequent_absent_objects():
     # frequencies over the 4 images: person 3, car 2, then bird, cat, dog 1 each (ties by name)
     questions = pope.build(SMALL_FILES, SMALL, "popular", n_images=4, per_image=2, seed=0)
     negatives = {image: [c for c, label in asked if label == "no"] for image, asked in per_image(questions).items()}
-    assert negatives == {"1.jpg": ["bird", "cat"], "2.jpg": ["bird", "cat"], "3.jpg": ["car", "bird"],
-                         "4.jpg": ["person", "car"]}
+    assert negatives == {
+        "1.jpg": ["bird", "cat"],
+        "2.jpg": ["bird", "cat"],
+        "3.jpg": ["car", "bird"],
+        "4.jpg": ["person", "car"],
+    }
 
 
 def test_adversarial_negatives_co_occur_most_with_their_positive():
@@ -96,16 +100,19 @@ def test_question_wording():
     assert pope.question_text("umbrella") == "Is there an umbrella in the image?"
 
 
-@pytest.mark.parametrize("text, parsed", [
-    ("Yes, there is a dog in the image.", "yes"),
-    ("No, there is no dog.", "no"),
-    ("There is not a dog in the image.", "no"),
-    ("Yes. But there is no cat.", "yes"),  # only the first sentence counts
-    ("No.", "no"),
-    ("no", "no"),
-    ("I do not see one", "no"),
-    ("Nope", "yes"),  # POPE's word rule, kept as published
-])
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("Yes, there is a dog in the image.", "yes"),
+        ("No, there is no dog.", "no"),
+        ("There is not a dog in the image.", "no"),
+        ("Yes. But there is no cat.", "yes"),  # only the first sentence counts
+        ("No.", "no"),
+        ("no", "no"),
+        ("I do not see one", "no"),
+        ("Nope", "yes"),  # POPE's word rule, kept as published
+    ],
+)
 def test_answer_parsing(text, parsed):
     assert pope.parse_answer(text) == parsed
 
@@ -121,8 +128,9 @@ def test_scores_by_hand():
     ]
     result = pope.score(answers, n_boot=100)
     assert result["counts"] == {"tp": 2, "fp": 1, "tn": 2, "fn": 1}
-    assert result["overall"] == pytest.approx({"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3,
-                                               "f1": 2 / 3, "yes_ratio": 0.5, "n": 6})
+    assert result["overall"] == pytest.approx(
+        {"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 0.5, "n": 6}
+    )
     unlabelled = [{"question_id": i, "image": a["image"], "answer": a["answer"]} for i, a in enumerate(answers)]
     labels = {i: a["label"] for i, a in enumerate(answers)}
     assert pope.score(unlabelled, labels, n_boot=0)["counts"] == result["counts"]
@@ -131,8 +139,12 @@ def test_scores_by_hand():
 
 
 def test_published_question_files_are_read_and_checked(tmp_path):
-    good = {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?",
-            "label": "yes"}
+    good = {
+        "question_id": 1,
+        "image": "COCO_val2014_000000310196.jpg",
+        "text": "Is there a snowboard in the image?",
+        "label": "yes",
+    }
     assert pope.read_questions(write_jsonl(tmp_path / "q.json", [good])) == [good]
     with pytest.raises(AnnotationError, match=r"q\.json: line 2 has no 'label' field"):
         pope.read_questions(write_jsonl(tmp_path / "q.json", [good, {k: good[k] for k in list(good)[:3]}]))
@@ -168,8 +180,14 @@ class FakeCaptioner:
 
 @pytest.fixture
 def questions_and_images(tmp_path):
-    questions = pope.build({1: "one.png", 2: "two.png"}, {1: {"dog", "cat", "cup"}, 2: {"car", "bus", "tv"}},
-                           "random", n_images=2, per_image=3, seed=0)
+    questions = pope.build(
+        {1: "one.png", 2: "two.png"},
+        {1: {"dog", "cat", "cup"}, 2: {"car", "bus", "tv"}},
+        "random",
+        n_images=2,
+        per_image=3,
+        seed=0,
+    )
     Image.new("RGB", (11, 8)).save(tmp_path / "one.png")
     Image.new("RGB", (22, 8)).save(tmp_path / "two.png")
     return questions, tmp_path
@@ -181,8 +199,11 @@ def test_answering_with_any_captioner(questions_and_images):
     answers = list(pope.answer(model, questions, images, batch_size=5, max_new_tokens=7))
     assert [a["prediction"] for a in answers] == [q["label"] for q in questions]
     assert [a["prompt"] for a in answers] == [q["text"] for q in questions]
-    assert [(n, tokens, sample) for n, _, tokens, sample in model.calls] == [(5, 7, False), (5, 7, False),
-                                                                            (2, 7, False)]
+    assert [(n, tokens, sample) for n, _, tokens, sample in model.calls] == [
+        (5, 7, False),
+        (5, 7, False),
+        (2, 7, False),
+    ]
     assert pope.score(answers, n_boot=0)["overall"]["accuracy"] == 1.0
 
 
@@ -195,14 +216,33 @@ def test_caption_then_answer_describes_each_image_once(questions_and_images):
     widths = {"one.png": 11, "two.png": 22}
     assert all(a["caption"] == f"A picture {widths[a['image']]} wide." for a in answers)
     first = answers[0]
-    assert first["prompt"] == (f"Here is a description of the image:\nA picture {widths[first['image']]} wide.\n\n"
-                               + questions[0]["text"] + " Answer yes or no.")
+    assert first["prompt"] == (
+        f"Here is a description of the image:\nA picture {widths[first['image']]} wide.\n\n"
+        + questions[0]["text"]
+        + " Answer yes or no."
+    )
 
 
 def test_cli_builds_and_scores(tmp_path, capsys):
     root = write_coco(tmp_path / "ann", {i: (CATEGORIES[i : i + 3], ["x"]) for i in range(8)})
-    assert main(["eval", "pope", "build", "--coco", str(root), "--out-dir", str(tmp_path / "q"), "--images", "3",
-                 "--seed", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "pope",
+                "build",
+                "--coco",
+                str(root),
+                "--out-dir",
+                str(tmp_path / "q"),
+                "--images",
+                "3",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     for strategy in pope.STRATEGIES:
         questions = pope.read_questions(tmp_path / "q" / f"coco_pope_{strategy}.json")
         assert len(questions) == 18 and len({q["image"] for q in questions}) == 3
@@ -221,13 +261,28 @@ def test_cli_build_names_the_file_when_too_few_images(tmp_path, capsys):
     assert "instances_val2014.json: only 1 images have 3 or more" in capsys.readouterr().err
 
 
-
 def test_cli_answers_with_a_tiny_random_model_and_resumes(questions_and_images, capsys):
     questions, images = questions_and_images
     qfile = write_jsonl(images / "q.jsonl", questions)
     out = images / "answers.jsonl"
-    args = ["eval", "pope", "answer", str(qfile), "--images", str(images), "--model", "random:llava",
-            "--method", "sparc", "--out", str(out), "--max-new-tokens", "3", "--batch-size", "4"]
+    args = [
+        "eval",
+        "pope",
+        "answer",
+        str(qfile),
+        "--images",
+        str(images),
+        "--model",
+        "random:llava",
+        "--method",
+        "sparc",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "4",
+    ]
     assert main(args) == 0
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]

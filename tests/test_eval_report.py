@@ -49,9 +49,13 @@ def test_draws_are_without_replacement():
 
 
 def test_table_puts_methods_side_by_side():
-    text = report.table({"baseline": {"overall": {"F1": 0.8199, "n": 500}, "ci": {"F1": [0.80, 0.84]}},
-                         "sparc": {"overall": {"F1": 0.8367, "n": 500}}},
-                        [("F1", "F1", True), ("n", "n", False)])
+    text = report.table(
+        {
+            "baseline": {"overall": {"F1": 0.8199, "n": 500}, "ci": {"F1": [0.80, 0.84]}},
+            "sparc": {"overall": {"F1": 0.8367, "n": 500}},
+        },
+        [("F1", "F1", True), ("n", "n", False)],
+    )
     lines = text.splitlines()
     assert lines[0].split() == ["method", "F1", "n"]
     assert lines[2].split() == ["baseline", "81.99", "500"]

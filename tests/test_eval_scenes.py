@@ -15,8 +15,20 @@ RUNS = ["baseline", "sparc", "naive", "locore"]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("scenes") / "scenes.json"
-    args = ["eval", "scenes", "--n", "50", "--max-new-tokens", "96", "--batch-size", "25", "--bootstrap", "300",
-            "--out", str(out)] + [a for r in RUNS for a in ("--run", r)]
+    args = [
+        "eval",
+        "scenes",
+        "--n",
+        "50",
+        "--max-new-tokens",
+        "96",
+        "--batch-size",
+        "25",
+        "--bootstrap",
+        "300",
+        "--out",
+        str(out),
+    ] + [a for r in RUNS for a in ("--run", r)]
     assert main(args) == 0
     return out, json.loads(out.read_text()), args
 
@@ -26,7 +38,9 @@ def test_scores_equal_a_plain_recount_of_the_captions(report):
     records = read_records(str(out).replace(".json", ".captions.jsonl"))
     assert data["n_scenes"] == 50 and list(data["runs"]) == RUNS
     for label, result in data["runs"].items():
-        mine = [r for r in records if "+".join(m["name"] for m in r["methods"]) == (label if label != "baseline" else "")]
+        mine = [
+            r for r in records if "+".join(m["name"] for m in r["methods"]) == (label if label != "baseline" else "")
+        ]
         assert len(mine) == 50
         mentioned = correct = present = 0
         for r in mine:
@@ -63,10 +77,12 @@ def test_rerun_resumes_without_captioning_again(report, capsys):
 
 
 def test_run_specs_carry_values():
-    from neverfade.methods.spec import parse_run
     from neverfade.methods import ParameterError
+    from neverfade.methods.spec import parse_run
 
     assert parse_run("sparc:tau=8,alpha=1.2+locore", {"locore": {"beta": 0.3}}) == (
-        ["sparc", "locore"], {"sparc": {"tau": "8", "alpha": "1.2"}, "locore": {"beta": 0.3}})
+        ["sparc", "locore"],
+        {"sparc": {"tau": "8", "alpha": "1.2"}, "locore": {"beta": 0.3}},
+    )
     with pytest.raises(ParameterError, match="expected name=value"):
         parse_run("sparc:tau", {})

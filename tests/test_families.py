@@ -46,9 +46,9 @@ def test_qwen25_is_marked_unvalidated_and_listed(capsys):
 
 def test_every_family_keeps_the_adapter_contract():
     import transformers
+    from conftest import make_images
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from conftest import make_images
     from neverfade.methods import METHODS
 
     found = families()
@@ -62,9 +62,16 @@ def test_every_family_keeps_the_adapter_contract():
         config, processor = family.random_parts("tiny")
         assert MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[config.model_type] in family.architectures
         image = make_images()[1]
-        inputs = processor(text=[processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
-            add_generation_prompt=True)], images=[image], return_tensors="pt")
+        inputs = processor(
+            text=[
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+                    add_generation_prompt=True,
+                )
+            ],
+            images=[image],
+            return_tensors="pt",
+        )
         count = int((inputs["input_ids"] == config.image_token_id).sum())
         grid = family.token_grid(config, inputs, count)
         assert grid is not None and grid.index.max() < count and grid.rows * grid.cols <= count, family.name
@@ -143,5 +150,6 @@ def test_register_refuses_an_incomplete_or_taken_family(registry_restored):
         register(Unnamed)
     with pytest.raises(ValueError, match="LlavaForConditionalGeneration already belongs to llava-1.5"):
         register(Taken)
-    assert {"NoGridModel", "UnnamedModel"}.isdisjoint(FAMILIES) and FAMILIES["LlavaForConditionalGeneration"].name \
-        == "llava-1.5"
+    assert {"NoGridModel", "UnnamedModel"}.isdisjoint(FAMILIES) and FAMILIES[
+        "LlavaForConditionalGeneration"
+    ].name == "llava-1.5"

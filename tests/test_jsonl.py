@@ -32,15 +32,19 @@ def test_a_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog, tail):
     with caplog.at_level(logging.WARNING, logger="neverfade"):
         assert [v for _, v in jsonl.read_jsonl(path)] == [{"id": "a"}, {"id": "b"}]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}:3: ignoring a torn last line (no newline, not JSON), as an interrupted writer leaves it"]
+        f"{path}:3: ignoring a torn last line (no newline, not JSON), as an interrupted writer leaves it"
+    ]
 
 
-@pytest.mark.parametrize("data, number, why", [
-    (b'{"id": "a"}\nnot json\n{"id": "b"}\n', 2, "not valid JSON (Expecting value)"),
-    (b'{"id": "a"}\n{"id": "b"\n', 2, "not valid JSON (Expecting ',' delimiter)"),  # last, but with its newline
-    (b'{"id": "\xff"}\n{"id": "b"}\n', 1, "not UTF-8 text"),
-    (b'{"id": "a"}\n' + TORN + b'\n{"id": "b"}\n', 2, "not valid JSON (Invalid control character at)"),
-])
+@pytest.mark.parametrize(
+    "data, number, why",
+    [
+        (b'{"id": "a"}\nnot json\n{"id": "b"}\n', 2, "not valid JSON (Expecting value)"),
+        (b'{"id": "a"}\n{"id": "b"\n', 2, "not valid JSON (Expecting ',' delimiter)"),  # last, but with its newline
+        (b'{"id": "\xff"}\n{"id": "b"}\n', 1, "not UTF-8 text"),
+        (b'{"id": "a"}\n' + TORN + b'\n{"id": "b"}\n', 2, "not valid JSON (Invalid control character at)"),
+    ],
+)
 def test_any_other_bad_line_is_an_error_naming_file_and_line(tmp_path, data, number, why):
     path = write(tmp_path, data)
     with pytest.raises(jsonl.BadLine) as caught:

@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from conftest import make_images
+from reference_methods import ReferenceMethods
 from transformers import AutoModelForImageTextToText
 
 import neverfade
 from neverfade.methods import ParameterError, build_methods
-from reference_methods import ReferenceMethods
-from conftest import make_images
 
 STEPS = 24
-GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
+GREEDY = dict(
+    max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True, return_dict_in_generate=True
+)
 CASES = {  # strong enough to change a random model's output within STEPS tokens
     "naive": {"alpha": 3.0, "start": 1, "end": 3},
     "pai": {"alpha": 1.0, "start": 1, "end": 3},
@@ -61,22 +62,29 @@ def test_composition_order_does_not_matter(tiny_models, family):
 
 def test_locore_with_sparc_equals_both_references_chained(tiny_models):
     """SPARC + LocoRE on a batch equals, row by row, the same pair on one image at a time."""
-    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc", "locore"],
-                       method_params={"sparc": {"tau": 0.05, "alpha": 1.5}, "locore": CASES["locore"]})
+    c = neverfade.load(
+        tiny_models["llava"],
+        device="cpu",
+        methods=["sparc", "locore"],
+        method_params={"sparc": {"tau": 0.05, "alpha": 1.5}, "locore": CASES["locore"]},
+    )
     images, prompts = make_images(), ["Describe it.", neverfade.DEFAULT_PROMPT, "What is in this picture?"]
     together = c.model.generate(**inputs_for(c, images, prompts), **GREEDY)
     for i in range(3):
-        alone = c.model.generate(**inputs_for(c, images[i:i + 1], prompts[i:i + 1]), **GREEDY)
+        alone = c.model.generate(**inputs_for(c, images[i : i + 1], prompts[i : i + 1]), **GREEDY)
         assert torch.equal(together.sequences[i, -STEPS:], alone.sequences[0, -STEPS:])
 
 
-@pytest.mark.parametrize("methods,params,message", [
-    (["naive"], {"naive": {"alpha": -1}}, "alpha must be >= 0.0"),
-    (["locore"], {"locore": {"window": 0}}, "window must be >= 1"),
-    (["locore"], {"locore": {"gamma": 1.0}}, "locore has no parameter gamma"),
-    (["pai"], {"pai": {"cfg": "maybe"}}, "cfg must be true or false"),
-    (["sparc", "sparc"], None, "listed twice"),
-])
+@pytest.mark.parametrize(
+    "methods,params,message",
+    [
+        (["naive"], {"naive": {"alpha": -1}}, "alpha must be >= 0.0"),
+        (["locore"], {"locore": {"window": 0}}, "window must be >= 1"),
+        (["locore"], {"locore": {"gamma": 1.0}}, "locore has no parameter gamma"),
+        (["pai"], {"pai": {"cfg": "maybe"}}, "cfg must be true or false"),
+        (["sparc", "sparc"], None, "listed twice"),
+    ],
+)
 def test_impossible_parameters_are_refused(methods, params, message):
     with pytest.raises(ParameterError, match=message):
         build_methods(methods, params)
@@ -86,8 +94,9 @@ def test_layer_range_is_checked_against_the_model(tiny_models):
     with pytest.raises(ParameterError, match="end 9 is beyond the model's depth"):
         neverfade.load(tiny_models["llava"], device="cpu", methods=["locore"], method_params={"locore": {"end": 9}})
     with pytest.raises(ParameterError, match="start .3. is after end .1."):
-        neverfade.load(tiny_models["llava"], device="cpu", methods=["pai"],
-                       method_params={"pai": {"start": 3, "end": 1}})
+        neverfade.load(
+            tiny_models["llava"], device="cpu", methods=["pai"], method_params={"pai": {"start": 3, "end": 1}}
+        )
 
 
 def reference_pai_cfg(model, inputs, image_token_id, eos_id, alpha, gamma, cfg_cutoff, start, end):
@@ -125,9 +134,13 @@ def test_pai_guidance_equals_plain_reference(tiny_models, family):
     fast = c.generate(**inputs, **GREEDY).sequences[0, -STEPS:].tolist()
     ref_model = AutoModelForImageTextToText.from_pretrained(tiny_models[family]).eval()
     with torch.no_grad():
-        reference = reference_pai_cfg(ref_model, inputs, c.engine.info.image_token_id,
-                                      c.model.generation_config.eos_token_id,
-                                      **{k: v for k, v in params.items() if k != "cfg"})
+        reference = reference_pai_cfg(
+            ref_model,
+            inputs,
+            c.engine.info.image_token_id,
+            c.model.generation_config.eos_token_id,
+            **{k: v for k, v in params.items() if k != "cfg"},
+        )
     assert fast != baseline, "the guidance must change the output here"
     assert fast == reference
 
@@ -155,7 +168,19 @@ def test_two_methods_that_choose_tokens_are_refused_before_a_model_loads(capsys)
     with pytest.raises(ParameterError, match="vcd and pai each choose tokens"):
         build_methods(["vcd", "pai"], {"pai": {"cfg": True}})
     assert len(build_methods(["vcd", "pai"])) == 2  # PAI without cfg only boosts attention
-    status = main(["caption", "--samples", "1", "--method", "vcd", "--method", "pai", "--pai-cfg",
-                   "--model", "/nonexistent-model-folder"])
+    status = main(
+        [
+            "caption",
+            "--samples",
+            "1",
+            "--method",
+            "vcd",
+            "--method",
+            "pai",
+            "--pai-cfg",
+            "--model",
+            "/nonexistent-model-folder",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "each choose tokens their own way" in err[0]

@@ -1,25 +1,30 @@
 """OPERA's beam search against a plain cache-free reference; without its penalty against transformers' beam search;
 batches; composition with attention methods; refused parameters."""
 
-import pytest
 from types import SimpleNamespace
+
+import pytest
 import torch
+from conftest import make_images
+from reference_opera import ReferenceOPERA
 from transformers import AutoModelForImageTextToText, LogitsProcessor
 
 import neverfade
 from neverfade.methods import Method, ParameterError, build_methods
-from reference_opera import ReferenceOPERA
-from conftest import make_images
 
 STEPS = 20
 GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
 SMALL = dict(num_beams=3, candidates=4, early=2)
 NO_ROLLBACK = 10_000  # a threshold no location reaches
-PENALTY_CASES = {"llava": dict(SMALL, scale=1000.0, threshold=NO_ROLLBACK),
-                 "qwen2_vl": dict(SMALL, scale=200.0, threshold=NO_ROLLBACK)}
-ROLLBACK_CASES = [("llava", dict(SMALL, scale=100.0, threshold=2), True),
-                  ("llava", dict(SMALL, num_beams=2, candidates=2, scale=70.0, threshold=2), True),  # 2 to one place
-                  ("qwen2_vl", dict(SMALL, scale=100.0, threshold=2), False)]
+PENALTY_CASES = {
+    "llava": dict(SMALL, scale=1000.0, threshold=NO_ROLLBACK),
+    "qwen2_vl": dict(SMALL, scale=200.0, threshold=NO_ROLLBACK),
+}
+ROLLBACK_CASES = [
+    ("llava", dict(SMALL, scale=100.0, threshold=2), True),
+    ("llava", dict(SMALL, num_beams=2, candidates=2, scale=70.0, threshold=2), True),  # 2 to one place
+    ("qwen2_vl", dict(SMALL, scale=100.0, threshold=2), False),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +48,7 @@ def opera(c, inputs, params, **generate):
 
 def reference(path, c, inputs, params):
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    ref = ReferenceOPERA(model, inputs, c.engine.info.image_token_id, c.model.generation_config.eos_token_id,
-                         **params)
+    ref = ReferenceOPERA(model, inputs, c.engine.info.image_token_id, c.model.generation_config.eos_token_id, **params)
     with torch.no_grad():
         tokens = ref.run(STEPS)
     return tokens, ref.rollbacks
@@ -99,8 +103,14 @@ def test_without_penalty_is_transformers_beam_search(tiny_models, family, candid
     inputs = one_image(c)
     vocab = c.model.config.get_text_config().vocab_size
     plain = c.model.generate(**inputs, num_beams=3, max_new_tokens=12, do_sample=False)[0, -12:].tolist()
-    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=plain[3], length_penalty=0.7,
-                    return_dict_in_generate=True, output_scores=True)
+    settings = dict(
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=plain[3],
+        length_penalty=0.7,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     processors = [KeepTop(candidates)] if candidates else []
     theirs = c.model.generate(**inputs, num_beams=3, logits_processor=processors, **settings)
     c.use(["opera"], {"opera": dict(num_beams=3, candidates=candidates or vocab, penalty=0.0, threshold=NO_ROLLBACK)})
@@ -112,8 +122,12 @@ def test_without_penalty_is_transformers_beam_search(tiny_models, family, candid
 
 def test_batch_equals_alone(tiny_models):
     """Images of different sizes (different prompt lengths, left padding) through caption(), with roll-backs."""
-    c = neverfade.load(tiny_models["llava_next"], device="cpu", methods=["opera"],
-                       method_params={"opera": dict(SMALL, scale=100.0, threshold=2)})
+    c = neverfade.load(
+        tiny_models["llava_next"],
+        device="cpu",
+        methods=["opera"],
+        method_params={"opera": dict(SMALL, scale=100.0, threshold=2)},
+    )
     images = make_images()
     together = [r.text for r in c.caption(images, max_new_tokens=STEPS)]
     rollbacks = c.methods[0].last_rollbacks
@@ -136,8 +150,15 @@ def forced_score(c, inputs, tokens, candidates, redone=()):
     """The sum over `tokens` of their log-probabilities when forced through c's methods: renormalised among each
     step's top `candidates` logits, or over the whole vocabulary at the positions in `redone`."""
     steps = len(tokens)
-    forced = c.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                        logits_processor=[Force(tokens, inputs["input_ids"].shape[1])], return_dict_in_generate=True)
+    forced = c.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        logits_processor=[Force(tokens, inputs["input_ids"].shape[1])],
+        return_dict_in_generate=True,
+    )
     assert forced.sequences[0, -steps:].tolist() == tokens
     total = 0.0
     for q, (logits, token) in enumerate(zip(forced.logits, tokens)):
@@ -174,13 +195,19 @@ def test_a_beam_without_candidates_is_replaced(tiny_models):
     c = neverfade.load(tiny_models["llava"], device="cpu")
     inputs = one_image(c)
     c.use(["opera"], {"opera": dict(num_beams=3, candidates=2, penalty=0.0, threshold=NO_ROLLBACK)})
-    ours = c.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, suppress_tokens=[254, 384],
-                      return_dict_in_generate=True, output_scores=True)
+    ours = c.generate(
+        **inputs,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        do_sample=False,
+        suppress_tokens=[254, 384],
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     assert c.methods[0].last_fallbacks == [1], "a beam must lose all its candidates here"
     tokens = ours.sequences[0, -10:].tolist()
     c.use([])
-    torch.testing.assert_close(ours.sequences_scores[0] * 10, forced_score(c, inputs, tokens, 2), atol=1e-4,
-                               rtol=1e-5)
+    torch.testing.assert_close(ours.sequences_scores[0] * 10, forced_score(c, inputs, tokens, 2), atol=1e-4, rtol=1e-5)
 
 
 class Listed(Method):
@@ -192,15 +219,18 @@ class Listed(Method):
         return SimpleNamespace(seen=[])
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"num_beams": 0}, "num_beams must be >= 1"),
-    ({"candidates": 0}, "candidates must be >= 1"),
-    ({"threshold": 1}, "threshold must be >= 2"),
-    ({"scale": 0.0}, "scale must be > 0"),
-    ({"penalty": -1.0}, "penalty must be >= 0.0"),
-    ({"window": 0}, "window must be >= 1"),
-    ({"early": 0}, "early must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"num_beams": 0}, "num_beams must be >= 1"),
+        ({"candidates": 0}, "candidates must be >= 1"),
+        ({"threshold": 1}, "threshold must be >= 2"),
+        ({"scale": 0.0}, "scale must be > 0"),
+        ({"penalty": -1.0}, "penalty must be >= 0.0"),
+        ({"window": 0}, "window must be >= 1"),
+        ({"early": 0}, "early must be >= 1"),
+    ],
+)
 def test_impossible_parameters_are_refused(params, message):
     with pytest.raises(ParameterError, match=message):
         build_methods(["opera"], {"opera": params})

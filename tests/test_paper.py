@@ -19,7 +19,8 @@ def test_llava_runs_in_float16_with_the_vicuna_conversation(tiny_models):
     assert c.prompt_text(PROMPT) == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions. USER: <image>\nPlease describe this image in detail. "
-        "ASSISTANT:")
+        "ASSISTANT:"
+    )
     assert neverfade.load(tiny_models["llava"], device="cpu").prompt_text(PROMPT).startswith("USER:")
 
 
@@ -39,8 +40,13 @@ def test_llava_pads_the_image_to_a_square_of_the_mean_colour(tiny_models):
 
 
 def test_sparc_acts_in_paper_mode(tiny_models):
-    c = neverfade.load(tiny_models["llava_next"], device="cpu", paper=True, methods=["sparc"],
-                       method_params={"sparc": {"tau": 0.05, "alpha": 1.5, "layer": 2}})
+    c = neverfade.load(
+        tiny_models["llava_next"],
+        device="cpu",
+        paper=True,
+        methods=["sparc"],
+        method_params={"sparc": {"tau": 0.05, "alpha": 1.5, "layer": 2}},
+    )
     images = [Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))]
     with_sparc = c.caption(images, max_new_tokens=16, min_new_tokens=16)[0].text
     assert (c.engine.batch.state(c.methods[0]).weight > 1).any()

@@ -18,7 +18,11 @@ from neverfade.models.families import text_attention_modules
 from neverfade.models.random import FAMILIES, random_model
 
 PAPER = {  # SPARC's selection layer and tau per family (METHODS.md), and the depth of the 7B model
-    "llava": (20, 1.5, 32), "llava_next": (20, 4.0, 32), "qwen2_vl": (18, 3.0, 28), "qwen2_5_vl": (18, 3.0, 28)}
+    "llava": (20, 1.5, 32),
+    "llava_next": (20, 4.0, 32),
+    "qwen2_vl": (18, 3.0, 28),
+    "qwen2_5_vl": (18, 3.0, 28),
+}
 ROW_METHODS = ["sparc", "locore", "naive", "pai"]  # the methods acting through the attention row
 
 
@@ -68,14 +72,20 @@ def test_a_decode_step_reaches_every_layer_at_real_shapes(meta_model):
     decoder, hidden = model.get_decoder(), model.config.get_text_config().hidden_size
     cache = DynamicCache(config=model.config.get_text_config())
     with torch.no_grad():
-        decoder(inputs_embeds=torch.zeros(1, prompt, hidden, device="meta", dtype=torch.bfloat16),
-                use_cache=True, **compat.with_cache({}, cache))
+        decoder(
+            inputs_embeds=torch.zeros(1, prompt, hidden, device="meta", dtype=torch.bfloat16),
+            use_cache=True,
+            **compat.with_cache({}, cache),
+        )
         assert cache.get_seq_length() == prompt
         engine.batch.step = 1
         for m in engine.hooks:
             m.begin_step(engine.batch)
-        out = decoder(inputs_embeds=torch.zeros(1, 1, hidden, device="meta", dtype=torch.bfloat16), use_cache=True,
-                      **compat.with_cache({}, cache))
+        out = decoder(
+            inputs_embeds=torch.zeros(1, 1, hidden, device="meta", dtype=torch.bfloat16),
+            use_cache=True,
+            **compat.with_cache({}, cache),
+        )
     assert out.last_hidden_state.shape == (1, 1, hidden)
     assert engine.batch.rows == depth  # every layer computed the methods' explicit row
     c.use([])

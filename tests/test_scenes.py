@@ -6,8 +6,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from neverfade.scenes import (HELD_OUT_SEEDS, IMAGE_SIZE, KINDS, TRAIN_SEED_START, find_mentions, make_scene,
-                              mentioned_objects)
+from neverfade.scenes import (
+    HELD_OUT_SEEDS,
+    IMAGE_SIZE,
+    KINDS,
+    TRAIN_SEED_START,
+    find_mentions,
+    make_scene,
+    mentioned_objects,
+)
 from neverfade.scenes.kinds import BACKGROUNDS, COLOURS, NOUNS
 
 SEEDS = range(400)
@@ -38,7 +45,7 @@ def test_scene_ground_truth_is_consistent(scenes):
         boxes = [o.bbox for o in scene.objects]
         for i, (x0, y0, x1, y1) in enumerate(boxes):
             assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE
-            for u0, v0, u1, v1 in boxes[i + 1:]:
+            for u0, v0, u1, v1 in boxes[i + 1 :]:
                 assert x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0, "objects overlap"
         kinds_seen |= scene.kinds
     assert len(KINDS) >= 20 and kinds_seen == set(KINDS)
@@ -80,19 +87,19 @@ def test_reference_caption_gives_every_object_its_colour_and_size(scenes):
             noun = NOUNS[obj.kind][0]
             i = next(i for i, s in enumerate(sentences) if re.search(rf"\b{noun}\b", s))
             assert obj.colour in sentences[i].split(), (scene.seed, obj, sentences[i])
-            nearby = " ".join(sentences[i:i + 2])  # the size is in the mention or the next sentence
+            nearby = " ".join(sentences[i : i + 2])  # the size is in the mention or the next sentence
             assert any(w in nearby for w in sizes[obj.size]), (scene.seed, obj, nearby)
 
 
 def test_reference_captions_are_long_and_varied(scenes):
     words = [len(s.caption.split()) for s in scenes]
-    assert 50 <= min(words) and max(words) <= 250 and 100 <= np.mean(words) <= 180
+    assert min(words) >= 50 and max(words) <= 250 and 100 <= np.mean(words) <= 180
     openings = Counter(s.caption.split(" objects")[0].split()[0] for s in scenes)
     assert len(openings) >= 4
     # the first object named is not always the left-most, top-most or largest one
     firsts = [min(find_mentions(s.caption), key=lambda m: m.start).kind for s in scenes]
     leftmost = [min(s.objects, key=lambda o: o.center[0]).kind for s in scenes]
-    assert 0.2 < np.mean([f == l for f, l in zip(firsts, leftmost)]) < 0.8
+    assert 0.2 < np.mean([f == left for f, left in zip(firsts, leftmost)]) < 0.8
 
 
 def test_co_occurrence_priors_are_strong():
@@ -105,19 +112,22 @@ def test_co_occurrence_priors_are_strong():
     assert not any({"sun", "moon"} <= s.kinds for s in scenes)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("A small red cat sits next to two fishes and a mug.", {"cat", "fish", "cup"}),
-    ("Kittens play with balls near the cottages.", {"cat", "ball", "house"}),
-    ("CLOUDS drift above a Sailboat.", {"cloud", "boat"}),
-    ("There is no cat in the image.", set()),
-    ("There is not a single red cat here.", set()),
-    ("There is no cat and a boat.", {"boat"}),
-    ("Without any small balls, the ship floats.", {"boat"}),
-    ("No. There is a cat.", {"cat"}),
-    ("No, there is no moon in the image.", set()),
-    ("The starfish has a star-shaped fin.", {"star"}),
-    ("A dog, a horse and a teapot.", set()),
-    ("A medium-sized blue umbrella, a tree and an apple.", {"umbrella", "tree", "apple"}),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A small red cat sits next to two fishes and a mug.", {"cat", "fish", "cup"}),
+        ("Kittens play with balls near the cottages.", {"cat", "ball", "house"}),
+        ("CLOUDS drift above a Sailboat.", {"cloud", "boat"}),
+        ("There is no cat in the image.", set()),
+        ("There is not a single red cat here.", set()),
+        ("There is no cat and a boat.", {"boat"}),
+        ("Without any small balls, the ship floats.", {"boat"}),
+        ("No. There is a cat.", {"cat"}),
+        ("No, there is no moon in the image.", set()),
+        ("The starfish has a star-shaped fin.", {"star"}),
+        ("A dog, a horse and a teapot.", set()),
+        ("A medium-sized blue umbrella, a tree and an apple.", {"umbrella", "tree", "apple"}),
+    ],
+)
 def test_mentioned_objects_hand_checked(text, expected):
     assert mentioned_objects(text) == expected

@@ -7,8 +7,10 @@ import pytest
 from neverfade.scenes import bootstrap_ci, scene_metrics
 
 SCENES = [SimpleNamespace(kinds={"cat", "ball", "tree"}), SimpleNamespace(kinds={"boat", "fish"})]
-CAPTIONS = ["A cat plays with a ball next to a house.",  # 10 words: cat, ball correct; house hallucinated; tree missed
-            "A boat. Another boat."]  # 4 words: boat once (a set); fish missed
+CAPTIONS = [
+    "A cat plays with a ball next to a house.",  # 10 words: cat, ball correct; house hallucinated; tree missed
+    "A boat. Another boat.",
+]  # 4 words: boat once (a set); fish missed
 
 
 def test_metric_on_hand_checked_captions():

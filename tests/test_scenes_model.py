@@ -24,8 +24,16 @@ def embedded():
 
 def test_shipped_files_are_small_and_complete():
     path = embedded_model_path()
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "processor_config.json", "chat_template.jinja", "training_log.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "training_log.json",
+    ):
         assert (path / name).is_file(), name
     assert (path / "model.safetensors").stat().st_size <= 20_000_000
     log = json.loads((path / "training_log.json").read_text())
@@ -48,14 +56,14 @@ def test_embedded_model_describes_held_out_scenes(embedded):
     text = processor.apply_chat_template(user_message(PROMPT), add_generation_prompt=True)
     inputs = processor(text=[text] * 4, images=[s.image for s in scenes], return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=400, do_sample=False)
-    captions = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    captions = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert all(len(c.split()) > 40 for c in captions)
     metrics = scene_metrics(captions, scenes)
     assert metrics["precision"] > 0.7 and metrics["recall"] > 0.7, metrics
     # batching with left padding does not change a caption
     alone = processor(text=[text], images=[scenes[2].image], return_tensors="pt")
     out = model.generate(**alone, max_new_tokens=400, do_sample=False)
-    single = processor.decode(out[0, alone["input_ids"].shape[1]:], skip_special_tokens=True)
+    single = processor.decode(out[0, alone["input_ids"].shape[1] :], skip_special_tokens=True)
     assert mentioned_objects(single) == mentioned_objects(captions[2])
 
 
@@ -79,12 +87,15 @@ def test_embedded_model_answers_questions_in_the_trained_form(embedded):
     """Yes/no questions are 10% of its training; its answers are weak (docs/embedded.md) but keep the form."""
     processor, model = embedded
     scene = make_scene(5)
-    texts = [processor.apply_chat_template(user_message(f"Is there a {k} in the image?"), add_generation_prompt=True)
-             for k in ("cat", "tree")]
+    texts = [
+        processor.apply_chat_template(user_message(f"Is there a {k} in the image?"), add_generation_prompt=True)
+        for k in ("cat", "tree")
+    ]
     inputs = processor(text=texts, images=[scene.image] * 2, return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    for answer, kind in zip(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
-                            ("cat", "tree")):
+    for answer, kind in zip(
+        processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True), ("cat", "tree")
+    ):
         assert answer.strip() in (f"Yes, there is a {kind} in the image.", f"No, there is no {kind} in the image.")
 
 
@@ -102,8 +113,9 @@ def test_builder_round_trip_generates(fresh):
     processor, model = fresh
     scenes = [make_scene(s) for s in (10, 11)]
     text = processor.apply_chat_template(user_message(PROMPT), add_generation_prompt=True)
-    inputs = processor(text=[text, "USER: <image>\nHi ASSISTANT:"], images=[s.image for s in scenes],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        text=[text, "USER: <image>\nHi ASSISTANT:"], images=[s.image for s in scenes], return_tensors="pt", padding=True
+    )
     assert (inputs["input_ids"] == model.config.image_token_index).sum(1).tolist() == [144, 144]
     out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 5)

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import make_images
+from reference_sgrs import reference_sgrs
 from transformers import AutoModelForImageTextToText
 
 import neverfade
 from neverfade.decoding.rejection import saliencies
-from reference_sgrs import reference_sgrs
-from conftest import make_images
 
 STEPS = 12
 SGRS = {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3}
@@ -23,8 +23,9 @@ def test_sgrs_equals_plain_reference(tiny_models, family):
     fast = c.generate(**inputs, **greedy)[0, -STEPS:].tolist()
     fast_rejected = c.methods[0].last_rejected
     ref_model = AutoModelForImageTextToText.from_pretrained(tiny_models[family]).eval()
-    reference, ref_rejected = reference_sgrs(ref_model, inputs, c.engine.info.image_token_id,
-                                             c.model.generation_config.eos_token_id, STEPS, **SGRS)
+    reference, ref_rejected = reference_sgrs(
+        ref_model, inputs, c.engine.info.image_token_id, c.model.generation_config.eos_token_id, STEPS, **SGRS
+    )
     assert ref_rejected > 0, "the threshold must turn candidates down"
     assert fast != baseline
     assert fast == reference
@@ -46,8 +47,12 @@ def test_batched_backward_equals_one_backward_per_candidate():
 
 
 def test_sgrs_with_locore_batched_equals_alone(tiny_models):
-    c = neverfade.load(tiny_models["llava_next"], device="cpu", methods=["locore", "sgrs"],
-                       method_params={"sgrs": SGRS, "locore": {"beta": 2.0, "window": 3}})
+    c = neverfade.load(
+        tiny_models["llava_next"],
+        device="cpu",
+        methods=["locore", "sgrs"],
+        method_params={"sgrs": SGRS, "locore": {"beta": 2.0, "window": 3}},
+    )
     images = make_images()
     together = [r.text for r in c.caption(images, max_new_tokens=10)]
     alone = [c.caption([im], max_new_tokens=10)[0].text for im in images]
@@ -59,8 +64,12 @@ def test_sgrs_with_locore_batched_equals_alone(tiny_models):
 def test_state_kept_across_steps_holds_no_graph(tiny_models):
     """Under SGRS the step's forward keeps a graph from the first target layer (2) on; what observers keep at a later
     layer (SPARC's EMA, the attention probe) must not hold it, or every step's graph would stay alive."""
-    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc", "sgrs"],
-                       method_params={"sgrs": SGRS, "sparc": {"tau": 0.05, "layer": 3}})
+    c = neverfade.load(
+        tiny_models["llava"],
+        device="cpu",
+        methods=["sparc", "sgrs"],
+        method_params={"sgrs": SGRS, "sparc": {"tau": 0.05, "layer": 3}},
+    )
     c.record_attention(layer=3)
     captions = c.caption(make_images(), max_new_tokens=6)
     assert all(len(cap.image_attention) == 6 for cap in captions)

@@ -2,18 +2,19 @@
 
 import pytest
 import torch
+from conftest import make_images
+from reference_sparc import ReferenceSPARC
 from transformers import AutoModelForImageTextToText
 
 import neverfade
 from neverfade import compat
 from neverfade.methods import ParameterError
 from neverfade.models.random import FAMILIES
-from reference_sparc import ReferenceSPARC
-from conftest import make_images
 
 STEPS = 24
-GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
+GREEDY = dict(
+    max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True, return_dict_in_generate=True
+)
 SPARC = dict(tau=0.05, alpha=1.5, layer=2)
 
 
@@ -100,8 +101,10 @@ def test_beam_search_is_refused_with_methods(tiny_models):
     assert len(c.caption(make_images()[:1], max_new_tokens=4, num_beams=2)) == 1
 
 
-CUDA = [pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured decode path needs CUDA")]
+CUDA = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured decode path needs CUDA"),
+]
 
 
 @pytest.mark.parametrize("decode", ["eager", "static", pytest.param("captured", marks=CUDA)])

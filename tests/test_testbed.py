@@ -71,15 +71,34 @@ def _smollm2_shaped(vocab_words):
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(vocab_words, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    config = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-              "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-              "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
-              "bos_token_id": 1, "eos_token_id": 2}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    config = {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     return tok, config
 
 
@@ -98,15 +117,19 @@ def test_trained_parts_load_into_the_llava(tmp_path):
     before = model.model.language_model.layers[0].self_attn.q_proj.weight.clone()
     tb.load_trained(model, state)
     delta = model.model.language_model.layers[0].self_attn.q_proj.weight - before
-    expected = tb.LORA_ALPHA / tb.LORA_RANK * (state["lora.layers.0.self_attn.q_proj.B"].float()
-                                                @ state["lora.layers.0.self_attn.q_proj.A"].float())
+    expected = (
+        tb.LORA_ALPHA
+        / tb.LORA_RANK
+        * (state["lora.layers.0.self_attn.q_proj.B"].float() @ state["lora.layers.0.self_attn.q_proj.A"].float())
+    )
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)
-    text = processor.apply_chat_template(user_message("Please describe this image in detail."),
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        user_message("Please describe this image in detail."), add_generation_prompt=True
+    )
     assert text.startswith("<|im_start|>user\n<image>\n") and text.endswith("<|im_start|>assistant\n")
     inputs = processor(text=[text], images=[scene.image], return_tensors="pt")
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == tb.IMAGE_TOKENS == 576
@@ -127,9 +150,10 @@ def test_testbed_assembles_and_describes_a_held_out_scene(tmp_path, monkeypatch)
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
     scene = make_hard_scene(0)
-    text = processor.apply_chat_template(user_message("Please describe this image in detail."),
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        user_message("Please describe this image in detail."), add_generation_prompt=True
+    )
     inputs = processor(text=[text], images=[scene.image], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=60, do_sample=False)
-    caption = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    caption = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert mentioned_objects(caption) & scene.kinds

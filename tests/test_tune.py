@@ -62,9 +62,17 @@ def test_space_overrides_and_their_errors():
     assert (tau.low, tau.high, tau.scale) == (1.0, 10.0, "log")
     assert (alpha.low, alpha.high, alpha.scale) == (1.05, 1.3, "linear")
     assert [p["tau"] for p in tune.grid([tau], 3)] == [1.0, 3.162, 10.0]
-    for bad, words in (("gamma=1:2", "no parameter gamma"), ("beta=0:2", "<= 1"), ("tau=0:4:log", "LOW > 0"),
-                       ("layer=0:8", "8 layers"), ("tau=3:1", "LOW <= HIGH"), ("tau=1", "LOW:HIGH"),
-                       ("tau,tau", "twice"), ("cfg", "not a number"), ("", "no parameter")):
+    for bad, words in (
+        ("gamma=1:2", "no parameter gamma"),
+        ("beta=0:2", "<= 1"),
+        ("tau=0:4:log", "LOW > 0"),
+        ("layer=0:8", "8 layers"),
+        ("tau=3:1", "LOW <= HIGH"),
+        ("tau=1", "LOW:HIGH"),
+        ("tau,tau", "twice"),
+        ("cfg", "not a number"),
+        ("", "no parameter"),
+    ):
         with pytest.raises(ParameterError, match=words):
             tune.parse_space(bad, "sparc" if "cfg" not in bad else "pai", INFO)
     with pytest.raises(ParameterError, match="fixed"):
@@ -83,8 +91,10 @@ def test_grid_is_balanced_and_spends_the_budget_random_is_seeded():
     assert len(drawn) == 6 and len({json.dumps(p, sort_keys=True) for p in drawn}) == 6
     layer_only = tune.parse_space("layer=2:3", "sparc", INFO)
     assert tune.random_points(layer_only, 5, seed=0) in ([{"layer": 2}, {"layer": 3}], [{"layer": 3}, {"layer": 2}])
-    assert tune.trials("sparc", layer_only, 5, "grid", fixed={"tau": 8.0}) == ["sparc:tau=8,layer=2",
-                                                                                "sparc:tau=8,layer=3"]
+    assert tune.trials("sparc", layer_only, 5, "grid", fixed={"tau": 8.0}) == [
+        "sparc:tau=8,layer=2",
+        "sparc:tau=8,layer=3",
+    ]
 
 
 def test_dev_and_test_scenes_are_disjoint_and_never_trained_on():
@@ -116,8 +126,18 @@ def test_selection_takes_the_best_dev_trial_by_the_metric():
     split = StubSplit(3)
     runs = [SimpleNamespace(id=f"run{k}") for k in range(4)]
     means = [0.5, 0.9, 0.2, 0.9]
-    records = [{"id": it.id, "run": run.id, "image": it.image, "prompt": None, "error": None,
-                "caption": str(m + (k - 1) * 0.01)} for run, m in zip(runs, means) for k, it in enumerate(split.items)]
+    records = [
+        {
+            "id": it.id,
+            "run": run.id,
+            "image": it.image,
+            "prompt": None,
+            "error": None,
+            "caption": str(m + (k - 1) * 0.01),
+        }
+        for run, m in zip(runs, means)
+        for k, it in enumerate(split.items)
+    ]
     records.append({**records[0], "caption": None, "error": "boom", "id": "i9"})  # an unknown item: ignored
     n, scores = tune.dev_scores(split, records, runs)
     assert n == 3 and [s["f1"] for s in scores] == pytest.approx(means)
@@ -157,8 +177,25 @@ def test_coco_split_scores_by_chair_and_the_manifests_must_be_disjoint(tmp_path,
 
 # ---- end to end on the embedded model, interrupted once ----
 
-ARGS = ["tune", "--method", "sparc:beta=0.2", "--space", "tau=2:32:log", "--budget", "2", "--dev-scenes", "4",
-        "--test-scenes", "4", "--max-new-tokens", "64", "--batch-size", "4", "--bootstrap", "200"]
+ARGS = [
+    "tune",
+    "--method",
+    "sparc:beta=0.2",
+    "--space",
+    "tau=2:32:log",
+    "--budget",
+    "2",
+    "--dev-scenes",
+    "4",
+    "--test-scenes",
+    "4",
+    "--max-new-tokens",
+    "64",
+    "--batch-size",
+    "4",
+    "--bootstrap",
+    "200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +229,14 @@ def tuned(tmp_path_factory):
         third = list(images)
     finally:
         mp.undo()
-    return SimpleNamespace(out=out, first=first, second=second, third=third, params=params,
-                           again=json.loads((out / "params.json").read_text()))
+    return SimpleNamespace(
+        out=out,
+        first=first,
+        second=second,
+        third=third,
+        params=params,
+        again=json.loads((out / "params.json").read_text()),
+    )
 
 
 def test_resume_describes_only_what_was_not_finished(tuned):
@@ -212,8 +255,11 @@ def recount(captions: list[str], seeds: list[int]) -> dict:
         mentioned, correct, present = mentioned + len(said), correct + len(said & kinds), present + len(kinds)
     precision = correct / mentioned if mentioned else 1.0
     recall = correct / present
-    return dict(precision=precision, recall=recall,
-                f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return dict(
+        precision=precision,
+        recall=recall,
+        f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    )
 
 
 def test_params_file_is_consistent_with_the_captions(tuned):
@@ -226,13 +272,16 @@ def test_params_file_is_consistent_with_the_captions(tuned):
     dev_ids = [f"scene-{s:05d}" for s in range(10_000, 10_004)]
     test_ids = [f"scene-{s:05d}" for s in range(4)]
     assert (p["dev"]["seeds"], p["test"]["seeds"]) == ("10000..10003", "0..3")
-    assert p["search"]["trials"] == 2 and [t["method"] for t in p["dev"]["trials"]] == ["sparc:beta=0.2,tau=2",
-                                                                                         "sparc:beta=0.2,tau=32"]
+    assert p["search"]["trials"] == 2 and [t["method"] for t in p["dev"]["trials"]] == [
+        "sparc:beta=0.2,tau=2",
+        "sparc:beta=0.2,tau=32",
+    ]
     for trial in p["dev"]["trials"]:
         tau = parse_spec(trial["method"])[0][1]["tau"]
         captions = by_setting[f"sparc:tau={tau},beta=0.2"]
-        assert trial["scores"]["f1"] == pytest.approx(recount([captions[i] for i in dev_ids],
-                                                              list(range(10_000, 10_004)))["f1"])
+        assert trial["scores"]["f1"] == pytest.approx(
+            recount([captions[i] for i in dev_ids], list(range(10_000, 10_004)))["f1"]
+        )
     best = max(range(2), key=lambda i: (p["dev"]["trials"][i]["scores"]["f1"], -i))
     assert p["dev"]["chosen"] == best and p["method"] == p["dev"]["trials"][best]["method"]
     assert p["values"] == {"tau": parse_spec(p["method"])[0][1]["tau"]} and p["methods"][0]["params"]["beta"] == 0.2
@@ -256,8 +305,25 @@ def test_params_file_feeds_caption_and_refuses_a_conflicting_method(tuned, tmp_p
     [record] = read_records(out)
     assert record["methods"] == tuned.params["methods"]
     scores = tmp_path / "s.json"
-    assert main(["eval", "scenes", "--n", "2", "--max-new-tokens", "3", "--bootstrap", "10", "--params", params,
-                 "--out", str(scores)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "scenes",
+                "--n",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--bootstrap",
+                "10",
+                "--params",
+                params,
+                "--out",
+                str(scores),
+            ]
+        )
+        == 0
+    )
     runs = json.loads(scores.read_text())["runs"]
     assert list(runs) == ["baseline", tuned.params["method"]]
     assert runs[tuned.params["method"]]["methods"] == tuned.params["methods"]
@@ -271,13 +337,14 @@ def test_params_file_feeds_caption_and_refuses_a_conflicting_method(tuned, tmp_p
 
 
 def test_bad_tune_arguments_are_one_line_errors(tmp_path, capsys):
-    for args, words in ((["--method", "sparc+locore"], "one method"),
-                        (["--method", "sparc", "--budget", "0"], "budget"),
-                        (["--method", "sparc", "--dev-scenes", "10001"], "--dev-scenes"),
-                        (["--method", "sparc", "--dev-manifest", "x.jsonl"], "together")):
+    for args, words in (
+        (["--method", "sparc+locore"], "one method"),
+        (["--method", "sparc", "--budget", "0"], "budget"),
+        (["--method", "sparc", "--dev-scenes", "10001"], "--dev-scenes"),
+        (["--method", "sparc", "--dev-manifest", "x.jsonl"], "together"),
+    ):
         assert main(["tune", *args, "--out", str(tmp_path / "t")]) == 2
         assert words in capsys.readouterr().err
-
 
 
 @pytest.mark.slow
@@ -287,8 +354,22 @@ def test_two_ranks_deal_the_trials_and_give_the_records_and_choice_of_one_proces
     import sys
 
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", "localhost:0", "-m", "neverfade", *ARGS, "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        "-m",
+        "neverfade",
+        *ARGS,
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -301,5 +382,6 @@ def test_two_ranks_deal_the_trials_and_give_the_records_and_choice_of_one_proces
     assert essentials(out) == essentials(tuned.out)
     assert not (out / "captions.jsonl.parts").exists()  # merged
     two = json.loads((out / "params.json").read_text())
-    assert {k: two[k] for k in ("method", "values", "dev", "test")} == {k: tuned.params[k]
-                                                                       for k in ("method", "values", "dev", "test")}
+    assert {k: two[k] for k in ("method", "values", "dev", "test")} == {
+        k: tuned.params[k] for k in ("method", "values", "dev", "test")
+    }

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import full_forward_inputs, make_images
 
 import neverfade
 from neverfade.engine.contract import Flags
-from conftest import full_forward_inputs, make_images
 
 STEPS = 16
 VCD = {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3}

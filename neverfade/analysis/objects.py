@@ -9,7 +9,10 @@ def object_marks(text: str, objects: list[str] | None) -> dict:
     from neverfade.scenes import find_mentions
 
     known = set(objects) if objects is not None else None
-    mentions = [{"start": m.start, "end": m.end, "kind": m.kind, "present": None if known is None else m.kind in known}
-                for m in find_mentions(text) if not m.negated]
+    mentions = [
+        {"start": m.start, "end": m.end, "kind": m.kind, "present": None if known is None else m.kind in known}
+        for m in find_mentions(text)
+        if not m.negated
+    ]
     named = {m["kind"] for m in mentions}
     return {"mentions": mentions, "missed": sorted(known - named) if known is not None else None}

@@ -40,24 +40,34 @@ class ImageAnalysis:
 
 
 def parse_saliency_tokens(spec: str) -> list[int | str]:
-    """"objects", "none", or a comma list of 1-based output token positions and words."""
+    """ "objects", "none", or a comma list of 1-based output token positions and words."""
     if spec in ("objects", "none"):
         return [spec]
     return [int(part) if part.strip().isdigit() else part.strip() for part in spec.split(",") if part.strip()]
 
 
-def analyze_setting(captioner, items, prompt: str, max_new_tokens: int, layer: int | None = None,
-                    saliency_tokens: list[int | str] = ("objects",), diversity_tokens: int = 100,
-                    most_saliency: int = 8) -> list[ImageAnalysis]:
+def analyze_setting(
+    captioner,
+    items,
+    prompt: str,
+    max_new_tokens: int,
+    layer: int | None = None,
+    saliency_tokens: list[int | str] = ("objects",),
+    diversity_tokens: int = 100,
+    most_saliency: int = 8,
+) -> list[ImageAnalysis]:
     """Caption `items` (data.items.Item) one at a time with the captioner's methods attached, watched."""
     if any(m.flags().strategy == "beam" for m in captioner.methods):
         raise ValueError("attention diagnostics cannot follow beam search (opera); analyze the other methods")
-    return [_analyze_one(captioner, layer, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens,
-                         most_saliency) for item in items]
+    return [
+        _analyze_one(captioner, layer, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens, most_saliency)
+        for item in items
+    ]
 
 
-def _analyze_one(captioner, layer, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens,
-                 most_saliency) -> ImageAnalysis:
+def _analyze_one(
+    captioner, layer, item, prompt, max_new_tokens, saliency_tokens, diversity_tokens, most_saliency
+) -> ImageAnalysis:
     from neverfade.data.images import load_image
 
     image = load_image(item.image)
@@ -77,23 +87,33 @@ def _analyze_one(captioner, layer, item, prompt, max_new_tokens, saliency_tokens
         selections = grid.place(run.records[selected.name][0, :n][:, image_positions].cpu().numpy())
     objects = object_marks(text, item.meta.get("objects")) if "objects" in item.meta else None
     analysis = ImageAnalysis(
-        id=item.id, image=model_view(image, captioner), caption=text, tokens=[text[a:b] for a, b in spans],
-        share=maps.sum(-1).numpy(), maps=placed, grid=grid,
-        diversity=np.array(consecutive_wasserstein(placed[:diversity_tokens])), selections=selections,
-        objects=objects)
+        id=item.id,
+        image=model_view(image, captioner),
+        caption=text,
+        tokens=[text[a:b] for a, b in spans],
+        share=maps.sum(-1).numpy(),
+        maps=placed,
+        grid=grid,
+        diversity=np.array(consecutive_wasserstein(placed[:diversity_tokens])),
+        selections=selections,
+        objects=objects,
+    )
     positions, analysis.not_found = _saliency_positions(saliency_tokens, text, spans, most_saliency)
     found = saliency_maps(captioner, inputs, ids, positions)
     prompt_len = batch.prompt_len
     for p, rows in found.items():
         mention = next((m for m in (objects or {}).get("mentions", []) if token_at(spans, m["start"]) == p), None)
-        analysis.saliency.append({
-            "position": p + 1, "token": analysis.tokens[p],
-            "present": None if mention is None else mention["present"],
-            "output": rows["saliency"][:, prompt_len:].numpy(),  # (layers, p): to the tokens written before
-            "output_attention": rows["attention"][:, prompt_len:].numpy(),
-            "image": grid.place(rows["saliency"][:, image_positions].numpy()),  # (layers, rows, cols)
-            "image_attention": grid.place(rows["attention"][:, image_positions].numpy()),
-        })
+        analysis.saliency.append(
+            {
+                "position": p + 1,
+                "token": analysis.tokens[p],
+                "present": None if mention is None else mention["present"],
+                "output": rows["saliency"][:, prompt_len:].numpy(),  # (layers, p): to the tokens written before
+                "output_attention": rows["attention"][:, prompt_len:].numpy(),
+                "image": grid.place(rows["saliency"][:, image_positions].numpy()),  # (layers, rows, cols)
+                "image_attention": grid.place(rows["attention"][:, image_positions].numpy()),
+            }
+        )
     return analysis
 
 

@@ -14,36 +14,61 @@ SLOW = ("eager", "strategy")  # decode paths timed in one round only: references
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="time decoding with each method against the baseline",
+        "bench",
+        help="time decoding with each method against the baseline",
         description="Time decoding: ms per token, tokens per second and peak GPU memory for the baseline and each "
-                    "method, at each batch size, with one image per prompt and a forced caption length. A method's "
-                    "overhead is its ratio to the baseline timed in the same run (settings interleaved, best of "
-                    "--repeats). Stock transformers generate (dynamic cache, no neverfade) is timed alongside; it and "
-                    "methods with their own decoding loop (sgrs, vcd, opera, pai with cfg) are timed in one round.")
-    p.add_argument("--model", action="append", default=None,
-                   help="model to time (repeatable): random:<family>:7b for random weights at the real size, a "
-                        "local folder or a hub id. Default: random:llava:7b and random:qwen2_vl:7b on CUDA, "
-                        "random:llava (tiny) on a CPU")
+        "method, at each batch size, with one image per prompt and a forced caption length. A method's "
+        "overhead is its ratio to the baseline timed in the same run (settings interleaved, best of "
+        "--repeats). Stock transformers generate (dynamic cache, no neverfade) is timed alongside; it and "
+        "methods with their own decoding loop (sgrs, vcd, opera, pai with cfg) are timed in one round.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model to time (repeatable): random:<family>:7b for random weights at the real size, a "
+        "local folder or a hub id. Default: random:llava:7b and random:qwen2_vl:7b on CUDA, "
+        "random:llava (tiny) on a CPU",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--method", action="append", default=None, metavar="SPEC",
-                   help="a method setting to time against the baseline, e.g. sparc, sparc:tau=2+locore "
-                        "(repeatable; default: " + ", ".join(DEFAULT_METHODS) + ")")
-    p.add_argument("--params", metavar="FILE",
-                   help="a params file written by neverfade tune: its method setting is the one timed (a --method "
-                        "given too must be the same setting)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a method setting to time against the baseline, e.g. sparc, sparc:tau=2+locore "
+        "(repeatable; default: " + ", ".join(DEFAULT_METHODS) + ")",
+    )
+    p.add_argument(
+        "--params",
+        metavar="FILE",
+        help="a params file written by neverfade tune: its method setting is the one timed (a --method "
+        "given too must be the same setting)",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B", help="default: 1 8 32")
     p.add_argument("--new-tokens", type=int, default=512, help="forced caption length (default: 512)")
     p.add_argument("--image-size", type=int, default=336, help="side of the square image, in pixels (default: 336)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the best counts (default: 2)")
     p.add_argument("--no-stock", action="store_true", help="skip timing stock generate")
-    p.add_argument("--decode", default="auto", choices=["auto", "captured", "static", "eager"],
-                   help="neverfade's decode path (default auto: captured on CUDA, eager on a CPU)")
-    p.add_argument("--check", action="store_true",
-                   help="also check, per setting, that the decode path gives the same tokens as the same loop run "
-                        "eagerly (on a CPU: the static loop against generate's own), over --check-tokens tokens; exit "
-                        "status 1 if any differs")
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "captured", "static", "eager"],
+        help="neverfade's decode path (default auto: captured on CUDA, eager on a CPU)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also check, per setting, that the decode path gives the same tokens as the same loop run "
+        "eagerly (on a CPU: the static loop against generate's own), over --check-tokens tokens; exit "
+        "status 1 if any differs",
+    )
     p.add_argument("--check-tokens", type=int, default=128, help="default: 128")
     p.add_argument("--out", default="bench.json", help="JSON results (default: bench.json)")
     p.set_defaults(func=run)
@@ -60,14 +85,21 @@ def run(args) -> int:
         raise UserError("--new-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
-    models = args.model or (["random:llava:7b", "random:qwen2_vl:7b"] if device.startswith("cuda")
-                            else ["random:llava"])
+    models = args.model or (
+        ["random:llava:7b", "random:qwen2_vl:7b"] if device.startswith("cuda") else ["random:llava"]
+    )
     tuned = params_setting(args, args.method or [])
     specs = [tuned] if tuned else args.method or DEFAULT_METHODS
-    settings = [("baseline", [], {})] + [(spec, names, params) for spec, (names, params)
-                                         in zip(specs, method_settings(args, specs, "--method"))]
-    report = {"environment": environment(device), "new_tokens": args.new_tokens, "image_size": args.image_size,
-              "rows": [], "checks": []}
+    settings = [("baseline", [], {})] + [
+        (spec, names, params) for spec, (names, params) in zip(specs, method_settings(args, specs, "--method"))
+    ]
+    report = {
+        "environment": environment(device),
+        "new_tokens": args.new_tokens,
+        "image_size": args.image_size,
+        "rows": [],
+        "checks": [],
+    }
     for model_name in models:
         captioner = _load(model_name, device, args.dtype)
         for batch_size in args.batch_sizes:
@@ -81,8 +113,10 @@ def run(args) -> int:
             torch.cuda.empty_cache()
     print(table(report["rows"]))
     for c in report["checks"]:
-        print(f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']} vs {c['reference']}: "
-              + ("same tokens" if c["same"] else f"first difference at token {c['first_difference']}"))
+        print(
+            f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']} vs {c['reference']}: "
+            + ("same tokens" if c["same"] else f"first difference at token {c['first_difference']}")
+        )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0 if all(c["same"] for c in report["checks"]) else 1
 
@@ -106,9 +140,14 @@ def environment(device: str) -> dict:
     import neverfade
 
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
-    return {"date": datetime.date.today().isoformat(), "device": gpu, "torch": torch.__version__,
-            "transformers": transformers.__version__, "neverfade": neverfade.__version__,
-            "python": platform.python_version()}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "neverfade": neverfade.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _images(batch_size: int, size: int):
@@ -195,8 +234,12 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
     path = captioner.decode_path()
     captioner.model._neverfade_last_loop = None
     ms = (total - prefill) / (new_tokens - 1) * 1000
-    row = {"path": path, "ms_per_token": round(ms, 3), "tokens_per_s": float(f"{batch_size * 1000 / ms:.4g}"),
-           "prefill_s": round(prefill, 4)}
+    row = {
+        "path": path,
+        "ms_per_token": round(ms, 3),
+        "tokens_per_s": float(f"{batch_size * 1000 / ms:.4g}"),
+        "prefill_s": round(prefill, 4),
+    }
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     state = state_floats_per_image_token(captioner)
@@ -242,18 +285,34 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
             try:
                 _, fast = _timed(captioner, inputs, args.check_tokens)
             except CaptureFailed as err:
-                results.append({"model": model_name, "batch_size": batch_size, "setting": setting[0], "path": path,
-                                "same": False, "error": str(err)})
+                results.append(
+                    {
+                        "model": model_name,
+                        "batch_size": batch_size,
+                        "setting": setting[0],
+                        "path": path,
+                        "same": False,
+                        "error": str(err),
+                    }
+                )
                 continue
             captioner.decode = reference_path
             _, reference = _timed(captioner, inputs, args.check_tokens)
         prompt = inputs["input_ids"].shape[1]
         fast, reference = fast[:, prompt:], reference[:, prompt:]
         differs = (fast != reference).any(0).nonzero()
-        results.append({"model": model_name, "batch_size": batch_size, "setting": setting[0], "path": path,
-                        "reference": reference_path, "tokens": int(fast.numel()),
-                        "same": bool(torch.equal(fast, reference)),
-                        "first_difference": int(differs[0]) if len(differs) else None})
+        results.append(
+            {
+                "model": model_name,
+                "batch_size": batch_size,
+                "setting": setting[0],
+                "path": path,
+                "reference": reference_path,
+                "tokens": int(fast.numel()),
+                "same": bool(torch.equal(fast, reference)),
+                "first_difference": int(differs[0]) if len(differs) else None,
+            }
+        )
     return results
 
 
@@ -272,22 +331,46 @@ def _reproducible_attention(device):
 def _line(row: dict) -> str:
     if "error" in row:
         return f"{row['model']} batch {row['batch_size']} {row['setting']}: {row['error']}"
-    return (f"{row['model']} batch {row['batch_size']} {row['setting']} ({row['path']}): "
-            f"{row['ms_per_token']:.2f} ms/token, x{row.get('overhead', float('nan')):.3f}")
+    return (
+        f"{row['model']} batch {row['batch_size']} {row['setting']} ({row['path']}): "
+        f"{row['ms_per_token']:.2f} ms/token, x{row.get('overhead', float('nan')):.3f}"
+    )
 
 
 def table(rows: list[dict]) -> str:
-    header = ["model", "batch", "setting", "path", "ms/token", "tokens/s", "x baseline", "peak GiB",
-              "state floats/img token"]
+    header = [
+        "model",
+        "batch",
+        "setting",
+        "path",
+        "ms/token",
+        "tokens/s",
+        "x baseline",
+        "peak GiB",
+        "state floats/img token",
+    ]
     lines = []
     for r in rows:
         state = ", ".join(f"{k} {v:g}" for k, v in r.get("state_floats_per_image_token", {}).items())
         if "error" in r:
             lines.append([r["model"], str(r["batch_size"]), r["setting"], r["error"], "", "", "", "", ""])
             continue
-        lines.append([r["model"], str(r["batch_size"]), r["setting"], r["path"], f"{r['ms_per_token']:.2f}",
-                      f"{r['tokens_per_s']:.1f}", f"{r['overhead']:.3f}" if "overhead" in r else "",
-                      f"{r['peak_gib']:.2f}" if "peak_gib" in r else "", state])
+        lines.append(
+            [
+                r["model"],
+                str(r["batch_size"]),
+                r["setting"],
+                r["path"],
+                f"{r['ms_per_token']:.2f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['overhead']:.3f}" if "overhead" in r else "",
+                f"{r['peak_gib']:.2f}" if "peak_gib" in r else "",
+                state,
+            ]
+        )
     widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
-    fmt = lambda x: " | ".join(c.ljust(w) for c, w in zip(x, widths))
+
+    def fmt(x):
+        return " | ".join(c.ljust(w) for c, w in zip(x, widths))
+
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])

@@ -27,37 +27,60 @@ EXIT_SOME_FAILED = 1
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "caption", help="describe images with the chosen methods",
+        "caption",
+        help="describe images with the chosen methods",
         description="Describe images. Results go to --out as JSONL, one record per image and method setting; "
-                    "a rerun with the same --out skips what is already there. Under torchrun "
-                    "(torchrun --nproc-per-node N -m neverfade caption ...) each rank describes its share of the "
-                    "batches. Exit status: 0 all described, 1 some images could not be read or described "
-                    "(their records in --out hold the error, until --retry-errors describes them), 2 bad input.")
-    p.add_argument("input", nargs="?", help="an image file, a folder of images, or a JSONL manifest "
-                                            "(one {\"image\": path, \"id\"?: ..., \"prompt\"?: ...} per line)")
-    p.add_argument("--samples", type=int, metavar="N",
-                   help="describe N held-out synthetic scenes instead of INPUT; mentioned objects are marked "
-                        "[word ✓] when the scene has them and [word ✗] when it does not")
+        "a rerun with the same --out skips what is already there. Under torchrun "
+        "(torchrun --nproc-per-node N -m neverfade caption ...) each rank describes its share of the "
+        "batches. Exit status: 0 all described, 1 some images could not be read or described "
+        "(their records in --out hold the error, until --retry-errors describes them), 2 bad input.",
+    )
+    p.add_argument(
+        "input",
+        nargs="?",
+        help="an image file, a folder of images, or a JSONL manifest "
+        '(one {"image": path, "id"?: ..., "prompt"?: ...} per line)',
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        metavar="N",
+        help="describe N held-out synthetic scenes instead of INPUT; mentioned objects are marked "
+        "[word ✓] when the scene has them and [word ✗] when it does not",
+    )
     add_world_option(p)
-    p.add_argument("--out", help="results JSONL: a new file or one written by neverfade (appended to; resumable; "
-                                 "an item whose image or prompt changed is described again). Without it captions "
-                                 "are only printed. "
-                                 "Under torchrun each rank appends to OUT.parts/rank-R-of-W.jsonl, and rank 0 "
-                                 "merges the parts into OUT when all are done.")
+    p.add_argument(
+        "--out",
+        help="results JSONL: a new file or one written by neverfade (appended to; resumable; "
+        "an item whose image or prompt changed is described again). Without it captions "
+        "are only printed. "
+        "Under torchrun each rank appends to OUT.parts/rank-R-of-W.jsonl, and rank 0 "
+        "merges the parts into OUT when all are done.",
+    )
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--min-new-tokens", type=int, default=0,
-                   help="write at least this many tokens before an end token may end a caption (benchmarks force a "
-                        "length with it; default 0)")
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        help="write at least this many tokens before an end token may end a caption (benchmarks force a "
+        "length with it; default 0)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--vs-baseline", action="store_true",
-                   help="also describe each image without methods, and print both side by side")
+    p.add_argument(
+        "--vs-baseline",
+        action="store_true",
+        help="also describe each image without methods, and print both side by side",
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--retry-errors", action="store_true",
-                   help="try again images recorded with an error; the new record replaces the old one")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="try again images recorded with an error; the new record replaces the old one",
+    )
     p.add_argument("--show", action="store_true", help="print captions even when writing --out")
     add_model_options(p)
     add_method_options(p)
@@ -85,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None:
         args.method = [spec]
     try:
-        items = sample_scene_items(args.samples, scene_world(args)) if args.samples is not None else read_items(args.input)
+        items = (
+            sample_scene_items(args.samples, scene_world(args)) if args.samples is not None else read_items(args.input)
+        )
         if args.input and len(items) == 1 and not args.input.endswith((".jsonl", ".json")):
             load_image(items[0].image)  # a single bad image is bad input, not a record
         names, params = method_choice(args)
@@ -133,9 +158,19 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, resu
     distributed.barrier(ranks)  # every rank knows what is done before any rank appends
     show = _print_batch if args.show or not args.out else None
     before = len(results.records) if results else 0
-    failed = caption_items(captioner, items, runs, prompt=prompt, generate=generate, batch_size=args.batch_size,
-                           results=results, on_batch=show, seed=args.seed, shard=(ranks.rank, ranks.world_size),
-                           retry_errors=args.retry_errors)
+    failed = caption_items(
+        captioner,
+        items,
+        runs,
+        prompt=prompt,
+        generate=generate,
+        batch_size=args.batch_size,
+        results=results,
+        on_batch=show,
+        seed=args.seed,
+        shard=(ranks.rank, ranks.world_size),
+        retry_errors=args.retry_errors,
+    )
     new = len(results.records) - before if results else 0
     distributed.barrier(ranks)  # every part is complete
     total = left = 0
@@ -147,8 +182,9 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, resu
         if ranks.parallel:
             print(f"{ranks.world_size} ranks described {new} new; {total} records in {args.out}", file=sys.stderr)
         if failed_count:
-            print(f"{failed_count} images could not be read or described; their records hold the error",
-                  file=sys.stderr)
+            print(
+                f"{failed_count} images could not be read or described; their records hold the error", file=sys.stderr
+            )
         if left:
             print(f"records in {args.out} holding an error: {left}; --retry-errors tries them again", file=sys.stderr)
     return EXIT_SOME_FAILED if failed_count or left else 0
@@ -177,8 +213,9 @@ def _open_results(args: argparse.Namespace, ranks: Ranks) -> tuple[ResultsFile, 
     except (ValueError, OSError) as err:
         if owner is not None:
             owner.close()
-        raise UserError(str(err) if isinstance(err, (ValueError, Locked))
-                        else f"cannot write --out {out}: {err.strerror or err}") from None
+        raise UserError(
+            str(err) if isinstance(err, (ValueError, Locked)) else f"cannot write --out {out}: {err.strerror or err}"
+        ) from None
 
 
 def _print_batch(items, records) -> None:

@@ -18,13 +18,15 @@ from neverfade.commands.options import (
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="a local web page that compares methods side by side (http://127.0.0.1:8765)",
+        "demo",
+        help="a local web page that compares methods side by side (http://127.0.0.1:8765)",
         description="Serve a page on 127.0.0.1 where you upload or pick an image, choose methods, and watch the "
-                    "captions stream side by side, with object words marked right or wrong on the synthetic scenes "
-                    "and a heatmap of where SPARC reinforced attention while each word was written. Method "
-                    "parameter flags (e.g. --sparc-tau 8) apply whenever that method is chosen on the page; a "
-                    "setting the page asks for may also carry values (sparc:tau=8+locore), which must agree with "
-                    "the flags.")
+        "captions stream side by side, with object words marked right or wrong on the synthetic scenes "
+        "and a heatmap of where SPARC reinforced attention while each word was written. Method "
+        "parameter flags (e.g. --sparc-tau 8) apply whenever that method is chosen on the page; a "
+        "setting the page asks for may also carry values (sparc:tau=8+locore), which must agree with "
+        "the flags.",
+    )
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free port)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--prompt", default=None, help='default "Please describe this image in detail."')
@@ -53,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     captioner = load_captioner(args, [], {})
     check_prompt_room(captioner, args.prompt, args.max_new_tokens)
-    app = DemoApp(captioner, params, args.max_new_tokens, args.prompt, args.samples, args.max_upload_mb,
-                  scene_world(args))
+    app = DemoApp(
+        captioner, params, args.max_new_tokens, args.prompt, args.samples, args.max_upload_mb, scene_world(args)
+    )
     try:
         server = make_server(app, args.port)
     except OSError as err:
         raise UserError(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror}") from None
-    print(f"neverfade demo: http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", file=sys.stderr,
-          flush=True)
+    print(
+        f"neverfade demo: http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", file=sys.stderr, flush=True
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -14,14 +14,20 @@ def add_parser(eval_subparsers) -> None:
     from neverfade.commands.options import add_method_options, add_model_options, add_params_option, add_world_option
 
     p = eval_subparsers.add_parser(
-        "scenes", help=EVAL_COMMANDS["scenes"][1],
+        "scenes",
+        help=EVAL_COMMANDS["scenes"][1],
         description="Describe held-out synthetic scenes (seeds 0..N-1, never trained on) with each method setting, "
-                    "and score the objects mentioned against the objects present, exactly. Captions go to a "
-                    "resumable JSONL; the scores to --out as JSON and a table.")
+        "and score the objects mentioned against the objects present, exactly. Captions go to a "
+        "resumable JSONL; the scores to --out as JSON and a table.",
+    )
     p.add_argument("--n", type=int, default=500, help="how many held-out scenes (default 500)")
-    p.add_argument("--run", action="append", metavar="SPEC",
-                   help=f"a method setting: methods joined by '+', each with optional values after ':' "
-                        f"(e.g. sparc:tau=8+locore); repeatable; default: {', '.join(DEFAULT_RUNS)}")
+    p.add_argument(
+        "--run",
+        action="append",
+        metavar="SPEC",
+        help=f"a method setting: methods joined by '+', each with optional values after ':' "
+        f"(e.g. sparc:tau=8+locore); repeatable; default: {', '.join(DEFAULT_RUNS)}",
+    )
     p.add_argument("--out", default="scenes.json", help="results JSON (default scenes.json)")
     p.add_argument("--captions", help="captions JSONL, resumable (default: beside --out, .captions.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -76,8 +82,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         raise UserError(f"--captions {captions_path}: {err}") from None
     with results:
-        caption_items(captioner, items, runs, prompt=DEFAULT_PROMPT, generate=generate, batch_size=args.batch_size,
-                      results=results)
+        caption_items(
+            captioner,
+            items,
+            runs,
+            prompt=DEFAULT_PROMPT,
+            generate=generate,
+            batch_size=args.batch_size,
+            results=results,
+        )
     report = evaluate(results.records, items, runs, specs, n_boot=args.bootstrap)
     report["model"], report["captions"] = captioner.name, captions_path
     write_json(args.out, report)

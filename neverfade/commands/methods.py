@@ -6,8 +6,11 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("methods", help="list the methods with their parameters and defaults",
-                              description="List every method, its parameters, defaults and their sources.")
+    p = subparsers.add_parser(
+        "methods",
+        help="list the methods with their parameters and defaults",
+        description="List every method, its parameters, defaults and their sources.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
@@ -20,10 +23,21 @@ def catalogue() -> list[dict]:
     for method in METHODS.values():
         params = []
         for p in method.params:
-            per_family = {f.name: f.method_defaults[method.name][p.name] for f in FAMILIES.values()
-                          if p.name in f.method_defaults.get(method.name, {})}
-            params.append({"name": p.name, "type": p.type.__name__, "default": p.default,
-                           "per_family": per_family or None, "source": p.source, "help": p.help})
+            per_family = {
+                f.name: f.method_defaults[method.name][p.name]
+                for f in FAMILIES.values()
+                if p.name in f.method_defaults.get(method.name, {})
+            }
+            params.append(
+                {
+                    "name": p.name,
+                    "type": p.type.__name__,
+                    "default": p.default,
+                    "per_family": per_family or None,
+                    "source": p.source,
+                    "help": p.help,
+                }
+            )
         out.append({"name": method.name, "summary": method.summary, "params": params})
     return out
 
@@ -36,8 +50,9 @@ def run(args) -> int:
     for m in methods:
         print(f"{m['name']}: {m['summary']}")
         for p in m["params"]:
-            default = p["default"] if p["per_family"] is None else ", ".join(
-                f"{k} {v}" for k, v in p["per_family"].items())
+            default = (
+                p["default"] if p["per_family"] is None else ", ".join(f"{k} {v}" for k, v in p["per_family"].items())
+            )
             print(f"  --{m['name']}-{p['name'].replace('_', '-')} ({p['type']}) default {default}")
             print(f"      {p['help']}; source: {p['source']}")
     return 0

@@ -11,9 +11,11 @@ from neverfade.methods import BASELINE, METHODS
 
 
 def add_world_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world", choices=["default", "hard"],
-                        help="the synthetic scenes' world: hard (scenes/hard.py, the testbed's) for --model testbed, "
-                             "default otherwise")
+    parser.add_argument(
+        "--world",
+        choices=["default", "hard"],
+        help="the synthetic scenes' world: hard (scenes/hard.py, the testbed's) for --model testbed, default otherwise",
+    )
 
 
 def scene_world(args) -> str:
@@ -24,31 +26,50 @@ def scene_world(args) -> str:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None,
-                       help="a local model folder or hub id (default: the embedded model; testbed: LLaVA on SmolLM2-135M, "
-                            "needs the testbed extra, see docs/testbed.md; random:<family> builds a "
-                            "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl; "
-                            "random:<family>:7b one of the real size, built in memory)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="a local model folder or hub id (default: the embedded model; testbed: LLaVA on SmolLM2-135M, "
+        "needs the testbed extra, see docs/testbed.md; random:<family> builds a "
+        "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl; "
+        "random:<family>:7b one of the real size, built in memory)",
+    )
     group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
-    group.add_argument("--paper", action="store_true",
-                       help="run as the SPARC authors did for the model's family: LLaVA-1.5 and LLaVA-NeXT in float16 "
-                            "with LLaVA's vicuna_v1 system prompt and conversation (LLaVA-1.5's images padded to a "
-                            "square), Qwen2-VL with the paper's prompt; refused for families they did not run")
-    group.add_argument("--decode", default="auto", choices=["auto", "captured", "static", "eager"],
-                       help="decode path: auto (a static cache with each step replayed from a CUDA graph where the "
-                            "methods allow, on CUDA), eager (generate's own loop), static (the captured loop run "
-                            "eagerly)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    group.add_argument(
+        "--paper",
+        action="store_true",
+        help="run as the SPARC authors did for the model's family: LLaVA-1.5 and LLaVA-NeXT in float16 "
+        "with LLaVA's vicuna_v1 system prompt and conversation (LLaVA-1.5's images padded to a "
+        "square), Qwen2-VL with the paper's prompt; refused for families they did not run",
+    )
+    group.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "captured", "static", "eager"],
+        help="decode path: auto (a static cache with each step replayed from a CUDA graph where the "
+        "methods allow, on CUDA), eager (generate's own loop), static (the captured loop run "
+        "eagerly)",
+    )
 
 
 def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     group = parser.add_argument_group("methods", "Repeat --method to compose methods; each has its own parameters.")
     if with_method:
-        group.add_argument("--method", action="append", default=[], metavar="SPEC",
-                           help=f"a method to attach: {', '.join([BASELINE, *METHODS])}, with optional values after "
-                                f"':' (sparc:tau=8,alpha=1.2); methods joined by '+' or repeated compose "
-                                f"(sparc:tau=8+locore); default baseline")
+        group.add_argument(
+            "--method",
+            action="append",
+            default=[],
+            metavar="SPEC",
+            help=f"a method to attach: {', '.join([BASELINE, *METHODS])}, with optional values after "
+            f"':' (sparc:tau=8,alpha=1.2); methods joined by '+' or repeated compose "
+            f"(sparc:tau=8+locore); default baseline",
+        )
     for method in METHODS.values():
         for p in method.params:
             default = "model family's" if p.default is None else p.default
@@ -57,8 +78,9 @@ def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True
             if p.type is bool:
                 group.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=text)
             else:
-                group.add_argument(flag, dest=dest, type=p.type, default=None, metavar=p.type.__name__.upper(),
-                                   help=text)
+                group.add_argument(
+                    flag, dest=dest, type=p.type, default=None, metavar=p.type.__name__.upper(), help=text
+                )
 
 
 def method_sugar(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -105,9 +127,12 @@ def method_settings(args: argparse.Namespace, specs: list[str], option: str) -> 
 
 
 def add_params_option(parser: argparse.ArgumentParser, what: str = "its method setting") -> None:
-    parser.add_argument("--params", metavar="FILE",
-                        help=f"a params file written by neverfade tune: {what}, and its model when --model is not "
-                             "given; a --method given too must be the same setting")
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help=f"a params file written by neverfade tune: {what}, and its model when --model is not "
+        "given; a --method given too must be the same setting",
+    )
 
 
 def params_setting(args: argparse.Namespace, given: list[str], option: str = "--method") -> str | None:
@@ -137,8 +162,11 @@ def params_setting(args: argparse.Namespace, given: list[str], option: str = "--
         if args.model is None:
             args.model = data.get("model")
         elif args.model != data.get("model"):
-            print(f"warning: --params {args.params} was tuned on {data.get('model_name') or data.get('model')}, "
-                  f"not {args.model}", file=sys.stderr)
+            print(
+                f"warning: --params {args.params} was tuned on {data.get('model_name') or data.get('model')}, "
+                f"not {args.model}",
+                file=sys.stderr,
+            )
     return spec
 
 

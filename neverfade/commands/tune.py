@@ -15,28 +15,46 @@ def add_parser(subparsers) -> None:
     from neverfade.tune import DEFAULT_SPACES, METRICS
 
     p = subparsers.add_parser(
-        "tune", help="search a method's parameters for a model on dev scenes, confirm on test scenes",
+        "tune",
+        help="search a method's parameters for a model on dev scenes, confirm on test scenes",
         description="Search a method's parameters on a dev split, choose the best setting by --metric there, then "
-                    "describe the test split with it and with the baseline and report the paired difference with a "
-                    "95% bootstrap interval over images. Scenes: dev = seeds 10000..10000+N-1 (never trained on, "
-                    "never held out), test = held-out seeds 0..N-1 (as neverfade eval scenes); --model testbed gets "
-                    "scenes of its hard world. COCO: --dev-manifest, --test-manifest and --annotations instead. "
-                    "Writes OUT/params.json, which caption, eval scenes and bench take with --params, and "
-                    "OUT/captions.jsonl (every trial's captions; a rerun resumes without describing anything "
-                    "twice). Under torchrun the (setting, batch) pairs are dealt to the ranks. Default spaces: "
-                    + "; ".join(f"{m}: {s}" for m, s in DEFAULT_SPACES.items()) + ".")
-    p.add_argument("--method", required=True, metavar="SPEC",
-                   help="the method to tune; values given here (sparc:beta=0.2) are held fixed")
+        "describe the test split with it and with the baseline and report the paired difference with a "
+        "95% bootstrap interval over images. Scenes: dev = seeds 10000..10000+N-1 (never trained on, "
+        "never held out), test = held-out seeds 0..N-1 (as neverfade eval scenes); --model testbed gets "
+        "scenes of its hard world. COCO: --dev-manifest, --test-manifest and --annotations instead. "
+        "Writes OUT/params.json, which caption, eval scenes and bench take with --params, and "
+        "OUT/captions.jsonl (every trial's captions; a rerun resumes without describing anything "
+        "twice). Under torchrun the (setting, batch) pairs are dealt to the ranks. Default spaces: "
+        + "; ".join(f"{m}: {s}" for m, s in DEFAULT_SPACES.items())
+        + ".",
+    )
+    p.add_argument(
+        "--method",
+        required=True,
+        metavar="SPEC",
+        help="the method to tune; values given here (sparc:beta=0.2) are held fixed",
+    )
     p.add_argument("--budget", type=int, default=8, help="settings tried, the same for every method (default 8)")
-    p.add_argument("--search", choices=SEARCHES, default="grid",
-                   help="grid: the largest balanced grid within the budget, unsearched axes at their default; "
-                        "random: independent draws by --seed (default grid)")
-    p.add_argument("--space", metavar="SPACE",
-                   help="parameters searched and their ranges, e.g. 'tau=1:16:log,alpha=1.05:1.3,layer' "
-                        "(name=LOW:HIGH linear, :log log-spaced; a bare name: layers over the model's depth, "
-                        "[minimum, maximum] where declared, else a quarter to 4x the default, log-spaced)")
-    p.add_argument("--metric", choices=list(METRICS), default="f1",
-                   help="chosen on dev by this (higher is better; chairs and chairi lower); default f1")
+    p.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default="grid",
+        help="grid: the largest balanced grid within the budget, unsearched axes at their default; "
+        "random: independent draws by --seed (default grid)",
+    )
+    p.add_argument(
+        "--space",
+        metavar="SPACE",
+        help="parameters searched and their ranges, e.g. 'tau=1:16:log,alpha=1.05:1.3,layer' "
+        "(name=LOW:HIGH linear, :log log-spaced; a bare name: layers over the model's depth, "
+        "[minimum, maximum] where declared, else a quarter to 4x the default, log-spaced)",
+    )
+    p.add_argument(
+        "--metric",
+        choices=list(METRICS),
+        default="f1",
+        help="chosen on dev by this (higher is better; chairs and chairi lower); default f1",
+    )
     p.add_argument("--dev-scenes", type=int, default=100, help="dev scenes, seeds 10000.. (default 100)")
     p.add_argument("--test-scenes", type=int, default=200, help="test scenes, held-out seeds 0.. (default 200)")
     p.add_argument("--dev-manifest", help="COCO: manifest of the dev images (neverfade eval manifest)")
@@ -113,13 +131,17 @@ def _splits(args):
         if shared:
             raise ValueError(f"--dev-manifest and --test-manifest share {len(shared)} image(s); they must be disjoint")
         return dev, test
-    for name, count, seeds in (("--dev-scenes", args.dev_scenes, tune.DEV_SEEDS),
-                               ("--test-scenes", args.test_scenes, HELD_OUT_SEEDS)):
+    for name, count, seeds in (
+        ("--dev-scenes", args.dev_scenes, tune.DEV_SEEDS),
+        ("--test-scenes", args.test_scenes, HELD_OUT_SEEDS),
+    ):
         if not 1 <= count <= len(seeds):
             raise ValueError(f"{name} must be between 1 and {len(seeds)}, got {count}")
     args.world = scene_world(args)
-    return (tune.SceneSplit(tune.DEV_SEEDS[:args.dev_scenes], args.world),
-            tune.SceneSplit(HELD_OUT_SEEDS[:args.test_scenes], args.world))
+    return (
+        tune.SceneSplit(tune.DEV_SEEDS[: args.dev_scenes], args.world),
+        tune.SceneSplit(HELD_OUT_SEEDS[: args.test_scenes], args.world),
+    )
 
 
 def _open_results(out: Path, ranks):
@@ -167,14 +189,22 @@ def _describe(captioner, items, runs, results, args, ranks) -> None:
         return
     best = best_records(_all_records(results, ranks), item_score(items))
     size = args.batch_size
-    batches = [items[i:i + size] for i in range(0, len(items), size)]
-    left = [(run, batch) for run in runs for batch in batches
-            if any((rec := best.get((it.id, run.id))) is None or not is_for(rec, it) for it in batch)]
-    print(f"rank {ranks.rank} of {ranks.world_size}: {len(left[ranks.rank::ranks.world_size])} of {len(left)} "
-          f"(setting, batch) pairs left", file=sys.stderr)
+    batches = [items[i : i + size] for i in range(0, len(items), size)]
+    left = [
+        (run, batch)
+        for run in runs
+        for batch in batches
+        if any((rec := best.get((it.id, run.id))) is None or not is_for(rec, it) for it in batch)
+    ]
+    print(
+        f"rank {ranks.rank} of {ranks.world_size}: {len(left[ranks.rank :: ranks.world_size])} of {len(left)} "
+        f"(setting, batch) pairs left",
+        file=sys.stderr,
+    )
     for run in runs:
-        mine = [it for k, (r, batch) in enumerate(left) if r is run and k % ranks.world_size == ranks.rank
-                for it in batch]
+        mine = [
+            it for k, (r, batch) in enumerate(left) if r is run and k % ranks.world_size == ranks.rank for it in batch
+        ]
         if mine:
             caption_items(captioner, mine, [run], **common)
 
@@ -199,8 +229,10 @@ def _tune(args, ranks, method, fixed, dev, test, results) -> int:
     except ParameterError as err:
         raise UserError(str(err)) from None
     say = (lambda text: print(text, file=sys.stderr)) if ranks.rank == 0 else (lambda text: None)
-    say(f"tuning {method} on {captioner.name}: {len(specs)} settings ({args.search}) and the baseline on "
-        f"{_where(dev)}; then the best and the baseline on {_where(test)}")
+    say(
+        f"tuning {method} on {captioner.name}: {len(specs)} settings ({args.search}) and the baseline on "
+        f"{_where(dev)}; then the best and the baseline on {_where(test)}"
+    )
 
     distributed.barrier(ranks)
     _describe(captioner, dev.items, runs, results, args, ranks)
@@ -227,14 +259,29 @@ def _tune(args, ranks, method, fixed, dev, test, results) -> int:
         except ValueError as err:
             raise UserError(str(err)) from None
         data = {
-            "method": specs[best], "methods": chosen.described,
+            "method": specs[best],
+            "methods": chosen.described,
             "values": {a.name: next(m["params"][a.name] for m in chosen.described) for a in axes},
-            "model": args.model, "model_name": captioner.name, "metric": args.metric,
-            "search": {"kind": args.search, "budget": args.budget, "seed": args.seed, "space": tune.axes_json(axes),
-                       "trials": len(specs)},
-            "generate": generate, "prompt": DEFAULT_PROMPT, "dtype": captioner.setup()["dtype"],
-            "dev": {**dev.describe(), "scored": n_dev, "baseline": scores[0], "chosen": best,
-                    "trials": [{"method": s, "scores": sc} for s, sc in zip(specs, scores[1:])]},
+            "model": args.model,
+            "model_name": captioner.name,
+            "metric": args.metric,
+            "search": {
+                "kind": args.search,
+                "budget": args.budget,
+                "seed": args.seed,
+                "space": tune.axes_json(axes),
+                "trials": len(specs),
+            },
+            "generate": generate,
+            "prompt": DEFAULT_PROMPT,
+            "dtype": captioner.setup()["dtype"],
+            "dev": {
+                **dev.describe(),
+                "scored": n_dev,
+                "baseline": scores[0],
+                "chosen": best,
+                "trials": [{"method": s, "scores": sc} for s, sc in zip(specs, scores[1:])],
+            },
             "test": {**test.describe(), **report},
             "command": _command(args),
         }
@@ -260,12 +307,36 @@ def _where(split) -> str:
 
 
 def _command(args) -> str:
-    words = ["neverfade", "tune", "--method", args.method, "--budget", args.budget, "--search", args.search,
-             "--metric", args.metric, "--seed", args.seed, "--max-new-tokens", args.max_new_tokens,
-             "--batch-size", args.batch_size, "--bootstrap", args.bootstrap, "--out", args.out]
-    for flag, value in (("--model", args.model), ("--space", args.space), ("--dtype", args.dtype),
-                        ("--dev-manifest", args.dev_manifest), ("--test-manifest", args.test_manifest),
-                        ("--annotations", args.annotations)):
+    words = [
+        "neverfade",
+        "tune",
+        "--method",
+        args.method,
+        "--budget",
+        args.budget,
+        "--search",
+        args.search,
+        "--metric",
+        args.metric,
+        "--seed",
+        args.seed,
+        "--max-new-tokens",
+        args.max_new_tokens,
+        "--batch-size",
+        args.batch_size,
+        "--bootstrap",
+        args.bootstrap,
+        "--out",
+        args.out,
+    ]
+    for flag, value in (
+        ("--model", args.model),
+        ("--space", args.space),
+        ("--dtype", args.dtype),
+        ("--dev-manifest", args.dev_manifest),
+        ("--test-manifest", args.test_manifest),
+        ("--annotations", args.annotations),
+    ):
         if value is not None:
             words += [flag, value]
     if not args.dev_manifest:
@@ -280,15 +351,28 @@ def _summary(data: dict) -> str:
 
     test, metric = data["test"], data["metric"]
     key = dict(f1="f1", precision="precision", recall="recall", chairs="chair_s", chairi="chair_i")[metric]
-    columns = [("precision", "precision", True), ("recall", "recall", True), ("f1", "F1", True),
-               ("chair_i", "CHAIRi", True), ("chair_s", "CHAIRs", True), ("words", "words", False)]
-    rows = {"baseline": test["baseline"], data["method"]: test["tuned"],
-            "difference": {"overall": test["difference"], "ci": test["difference_ci"]}}
+    columns = [
+        ("precision", "precision", True),
+        ("recall", "recall", True),
+        ("f1", "F1", True),
+        ("chair_i", "CHAIRi", True),
+        ("chair_s", "CHAIRs", True),
+        ("words", "words", False),
+    ]
+    rows = {
+        "baseline": test["baseline"],
+        data["method"]: test["tuned"],
+        "difference": {"overall": test["difference"], "ci": test["difference_ci"]},
+    }
     low, high = test["difference_ci"][key]
-    return "\n".join([
-        f"chosen on {data['dev']['scored']} dev items by {metric}: {data['method']} "
-        f"(of {data['search']['trials']} settings)",
-        f"test, {test['n']} items (95% bootstrap intervals; the difference is paired over items):",
-        table(rows, columns), "",
-        f"{metric} difference {test['difference'][key] * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]: "
-        f"{test['verdict']}"])
+    return "\n".join(
+        [
+            f"chosen on {data['dev']['scored']} dev items by {metric}: {data['method']} "
+            f"(of {data['search']['trials']} settings)",
+            f"test, {test['n']} items (95% bootstrap intervals; the difference is paired over items):",
+            table(rows, columns),
+            "",
+            f"{metric} difference {test['difference'][key] * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]: "
+            f"{test['verdict']}",
+        ]
+    )

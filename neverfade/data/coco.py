@@ -91,8 +91,9 @@ def load_captions(path: str | Path) -> tuple[dict[int, str], dict[int, list[str]
     return files, captions
 
 
-def coco2014(annotations_dir: str | Path, images_dir: str | Path, n: int | None = 500, seed: int = 0,
-             split: str = "val") -> list[Item]:
+def coco2014(
+    annotations_dir: str | Path, images_dir: str | Path, n: int | None = 500, seed: int = 0, split: str = "val"
+) -> list[Item]:
     """COCO `split`2014 images, `n` of them drawn uniformly without replacement by `seed` (None: all), by id.
 
     Item.id is the COCO image id as a string; meta holds `coco_id` (int) and `references` (the human captions).
@@ -106,6 +107,5 @@ def coco2014(annotations_dir: str | Path, images_dir: str | Path, n: int | None 
         ids = sorted(random.Random(seed).sample(ids, n))
     images_dir = Path(images_dir)
     return [
-        Item(id=str(i), image=str(images_dir / files[i]), meta={"coco_id": i, "references": captions[i]})
-        for i in ids
+        Item(id=str(i), image=str(images_dir / files[i]), meta={"coco_id": i, "references": captions[i]}) for i in ids
     ]

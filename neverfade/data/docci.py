@@ -21,8 +21,9 @@ IMAGE_FIELDS = ("image_file", "image", "file_name", "filename")
 TEXT_FIELDS = ("description", "caption", "text")
 
 
-def docci(path: str | Path, images_dir: str | Path = "", split: str | None = "test", n: int | None = None,
-          seed: int = 0) -> list[Item]:
+def docci(
+    path: str | Path, images_dir: str | Path = "", split: str | None = "test", n: int | None = None, seed: int = 0
+) -> list[Item]:
     """DOCCI records of `split` (None: all), `n` of them drawn by `seed` (None: all), in file order."""
     items, splits = [], set()
     for number, record in read_jsonl(path):
@@ -30,11 +31,13 @@ def docci(path: str | Path, images_dir: str | Path = "", split: str | None = "te
         splits.add(record_split)
         if split is not None and record_split != split:
             continue
-        items.append(Item(
-            id=field(path, number, record, ID_FIELDS, "example id"),
-            image=str(Path(images_dir) / field(path, number, record, IMAGE_FIELDS, "image file")),
-            meta={"references": [field(path, number, record, TEXT_FIELDS, "description")], "split": record_split},
-        ))
+        items.append(
+            Item(
+                id=field(path, number, record, ID_FIELDS, "example id"),
+                image=str(Path(images_dir) / field(path, number, record, IMAGE_FIELDS, "image file")),
+                meta={"references": [field(path, number, record, TEXT_FIELDS, "description")], "split": record_split},
+            )
+        )
     if not items:
         found = ", ".join(sorted(str(s) for s in splits)) or "none"
         raise AnnotationError(f"{path}: no records" + (f" of split {split!r} (splits found: {found})" if split else ""))

@@ -34,8 +34,13 @@ def iiw400(path: str | Path, images_dir: str | Path = "", n: int | None = None, 
     for number, record in read_jsonl(path):
         name = field(path, number, record, NAME_FIELDS, "image name")
         file_name = name if Path(name).suffix else name + ".jpg"
-        items.append(Item(id=Path(name).stem if Path(name).suffix else name, image=str(Path(images_dir) / file_name),
-                          meta={"references": [field(path, number, record, TEXT_FIELDS, "description")]}))
+        items.append(
+            Item(
+                id=Path(name).stem if Path(name).suffix else name,
+                image=str(Path(images_dir) / file_name),
+                meta={"references": [field(path, number, record, TEXT_FIELDS, "description")]},
+            )
+        )
     if not items:
         raise AnnotationError(f"{path}: no records")
     return sample(path, items, n, seed)

@@ -33,8 +33,11 @@ def read_items(source: str | Path) -> list[Item]:
     if not path.exists():
         raise InputError(f"no such file or folder: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()  # a broken link is listed, to be recorded as an error
-                       if (p.is_file() or p.is_symlink() and not p.exists()) and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p
+            for p in path.iterdir()  # a broken link is listed, to be recorded as an error
+            if (p.is_file() or p.is_symlink() and not p.exists()) and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         if not files:
             raise InputError(f"no images in folder {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         return [Item(id=p.name, image=str(p)) for p in files]
@@ -54,7 +57,7 @@ def read_manifest(path: Path) -> list[Item]:
         raise InputError(str(err)) from None
     for number, record in records:
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-            raise InputError(f"{path}:{number}: each line needs an \"image\" field with a path")
+            raise InputError(f'{path}:{number}: each line needs an "image" field with a path')
         image = record.pop("image")
         item_id = str(record.pop("id", image))
         if item_id in seen:
@@ -62,7 +65,7 @@ def read_manifest(path: Path) -> list[Item]:
         seen.add(item_id)
         prompt = record.pop("prompt", None)
         if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f"{path}:{number}: \"prompt\" must be a text, got {json.dumps(prompt)}")
+            raise InputError(f'{path}:{number}: "prompt" must be a text, got {json.dumps(prompt)}')
         if prompt is not None and not prompt.strip():
             raise InputError(f"{path}:{number}: empty prompt")
         items.append(Item(id=item_id, image=str(path.parent / image), prompt=prompt, meta=record))

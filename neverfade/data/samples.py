@@ -71,7 +71,7 @@ def mark_objects(text: str, objects: list[str]) -> str:
     for m in find_mentions(text):
         if m.negated:
             continue
-        out.append(text[last:m.start])
-        out.append(f"[{text[m.start:m.end]} {'✓' if m.kind in present else '✗'}]")
+        out.append(text[last : m.start])
+        out.append(f"[{text[m.start : m.end]} {'✓' if m.kind in present else '✗'}]")
         last = m.end
     return "".join(out) + text[last:]

@@ -32,13 +32,31 @@ def custom_generate(strategy: str | type, method=None, **options):
     `neverfade_streamer` (transformers 5.23 does not pass generate's `streamer` to a callable loop)."""
     loop_type = strategy if isinstance(strategy, type) else loop_class(strategy)
 
-    def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-               streamer=None, *, neverfade_inputs=None, neverfade_streamer=None, **model_kwargs):
+    def decode(
+        model,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        *,
+        neverfade_inputs=None,
+        neverfade_streamer=None,
+        **model_kwargs,
+    ):
         if synced_gpus:
             raise ValueError(f"{getattr(method, 'name', None) or loop_type.__name__} does not support synced_gpus")
-        loop = loop_type(model=model, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                         generation_config=generation_config, streamer=streamer or neverfade_streamer, method=method,
-                         raw_inputs=neverfade_inputs, **options)
+        loop = loop_type(
+            model=model,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            streamer=streamer or neverfade_streamer,
+            method=method,
+            raw_inputs=neverfade_inputs,
+            **options,
+        )
         model._neverfade_last_loop = loop  # for the bench and the tests
         return loop.run(input_ids, model_kwargs)
 

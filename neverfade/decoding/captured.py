@@ -1,11 +1,11 @@
 """The fast decode path: a static KV cache, and every decode step replayed from one captured CUDA graph.
 
-Run through `generate(cache_implementation="static", custom_generate=decoding.custom_generate("static"))`. The prefill and the first
-decode step run eagerly (the first decode step doubles as the warm-up that CUDA graph capture needs); the second step
-is captured, and every later step replays it. The step's inputs live in fixed buffers that the graph itself advances
-(positions +1, the new key unmasked), so the host only writes the chosen token and never waits for the GPU, except
-every `check_every` steps to see whether every sequence has finished. Methods run inside the graph: their per-step
-state must be tensors updated in place, never Python values (`Flags.capturable`).
+Run through `generate(cache_implementation="static", custom_generate=decoding.custom_generate("static"))`. The
+prefill and the first decode step run eagerly (the first decode step doubles as the warm-up that CUDA graph capture
+needs); the second step is captured, and every later step replays it. The step's inputs live in fixed buffers that
+the graph itself advances (positions +1, the new key unmasked), so the host only writes the chosen token and never
+waits for the GPU, except every `check_every` steps to see whether every sequence has finished. Methods run inside
+the graph: their per-step state must be tensors updated in place, never Python values (`Flags.capturable`).
 
 Without CUDA (or with `capture=False`) the same loop runs the step eagerly: that is the reference the captured
 replay is checked against.
@@ -37,12 +37,14 @@ class StaticLoop(DecodingLoop):
     # ---- the step's fixed buffers ----
     def _buffers(self, input_ids, kwargs):
         """The first decode step's inputs, as generate prepares them, copied into buffers the graph can own."""
-        inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, is_first_iteration=False,
-                                                          **kwargs)
+        inputs = self.model.prepare_inputs_for_generation(
+            input_ids, next_sequence_length=1, is_first_iteration=False, **kwargs
+        )
         cache = compat.cache_of(inputs)
         if cache is None or not getattr(cache, "is_compileable", False):
-            raise compat.UnsupportedTransformers("the captured decode path needs generate's static KV cache, and got "
-                                                 f"{type(cache).__name__}")
+            raise compat.UnsupportedTransformers(
+                f"the captured decode path needs generate's static KV cache, and got {type(cache).__name__}"
+            )
         family = family_of(type(self.model).__name__)  # besides transformers' own, the family's image metadata
         self.advancing = (*compat.STEP_ADVANCING, *family.step_advancing)
         constant = (*compat.STEP_CONSTANT, *family.step_constant)
@@ -52,8 +54,9 @@ class StaticLoop(DecodingLoop):
                 continue
             if isinstance(value, torch.Tensor):
                 if name != "input_ids" and name not in self.advancing and name not in constant:
-                    raise compat.UnsupportedTransformers(f"the captured decode path cannot follow the per-step input "
-                                                         f"{name!r}")
+                    raise compat.UnsupportedTransformers(
+                        f"the captured decode path cannot follow the per-step input {name!r}"
+                    )
                 value = value.clone()
             static[name] = value
         keys = cache.layers[0].max_cache_len
@@ -105,9 +108,11 @@ class StaticLoop(DecodingLoop):
     @staticmethod
     def _failed(err: Exception) -> CaptureFailed:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return CaptureFailed(f"the decode step could not be captured in a CUDA graph ({first}; transformers "
-                             f"{compat.VERSION}, torch {torch.__version__}); decode without capture with "
-                             "decode='eager' (--decode eager)")
+        return CaptureFailed(
+            f"the decode step could not be captured in a CUDA graph ({first}; transformers "
+            f"{compat.VERSION}, torch {torch.__version__}); decode without capture with "
+            "decode='eager' (--decode eager)"
+        )
 
     def start(self, input_ids, model_kwargs):
         if self.capture is None:

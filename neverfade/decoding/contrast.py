@@ -15,8 +15,9 @@ from neverfade.decoding.loop import DecodingLoop
 class ContrastLoop(DecodingLoop):
     def start(self, input_ids, model_kwargs):
         super().start(input_ids, model_kwargs)
-        self.other_ids, self.other_kwargs = self.method.contrast_inputs(self.model, input_ids, model_kwargs,
-                                                                        self.raw_inputs)
+        self.other_ids, self.other_kwargs = self.method.contrast_inputs(
+            self.model, input_ids, model_kwargs, self.raw_inputs
+        )
         if compat.cache_of(model_kwargs) is not None:  # empty before the prefill
             self.other_kwargs = compat.with_cache(self.other_kwargs, copy.deepcopy(compat.cache_of(model_kwargs)))
 

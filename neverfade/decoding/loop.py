@@ -17,8 +17,9 @@ from neverfade import compat
 class DecodingLoop:
     check_every = 1  # steps between looks at the finished flags on the host
 
-    def __init__(self, model, logits_processor, stopping_criteria, generation_config, streamer=None, method=None,
-                 raw_inputs=None):
+    def __init__(
+        self, model, logits_processor, stopping_criteria, generation_config, streamer=None, method=None, raw_inputs=None
+    ):
         self.model = model
         self.logits_processor = logits_processor
         self.stopping_criteria = stopping_criteria
@@ -31,8 +32,9 @@ class DecodingLoop:
     def forward(self, ids, kwargs, first: bool):
         """One forward of `ids` (the whole prompt at the first step, else the newest token); returns the output and
         the kwargs for the next step."""
-        inputs = self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else 1,
-                                                          is_first_iteration=first, **kwargs)
+        inputs = self.model.prepare_inputs_for_generation(
+            ids, next_sequence_length=None if first else 1, is_first_iteration=first, **kwargs
+        )
         out = self.model(**inputs, return_dict=True)
         return out, compat.update_model_kwargs(self.model, out, kwargs)
 

@@ -36,14 +36,24 @@ class BeamLoop(DecodingLoop):
         if config.do_sample:
             raise ValueError("opera is a beam search: sampling (do_sample=True) is not supported")
         if config.num_beams != 1 or config.num_return_sequences != 1:
-            raise ValueError("opera runs its own beams (its num_beams parameter): call generate without num_beams "
-                             "or num_return_sequences")
+            raise ValueError(
+                "opera runs its own beams (its num_beams parameter): call generate without num_beams "
+                "or num_return_sequences"
+            )
         cache = compat.cache_of(model_kwargs)
         if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
             raise ValueError("opera needs an empty DynamicCache (generate's default cache)")
         out, kwargs = self.forward(input_ids, model_kwargs, first=True)
-        search = BeamSearch(model, method, cache, kwargs, out.logits[:, -1].float(), self.logits_processor,
-                            self.stopping_criteria, config)
+        search = BeamSearch(
+            model,
+            method,
+            cache,
+            kwargs,
+            out.logits[:, -1].float(),
+            self.logits_processor,
+            self.stopping_criteria,
+            config,
+        )
         results = [search.run(b, input_ids[b]) for b in range(input_ids.shape[0])]
         method.last_rollbacks = [r.rollbacks for r in results]
         method.last_fallbacks = [r.fallbacks for r in results]
@@ -60,6 +70,7 @@ class BeamLoop(DecodingLoop):
 @dataclass
 class Beams:
     """transformers' beam-search bookkeeping for one image (batch dimension 1), under its own names."""
+
     running_sequences: torch.Tensor  # (1, N, max_length)
     running_beam_scores: torch.Tensor  # (1, N)
     running_beam_indices: torch.Tensor  # (1, N, max_new): the parent slot chosen at each step
@@ -78,11 +89,19 @@ class Beams:
         scores = torch.zeros(1, num_beams, device=device)
         scores[:, 1:] = -1e9
         indices = torch.full((1, num_beams, max_length - p), -1, dtype=torch.int32, device=device)
-        return cls(running, scores, indices, running.clone(), torch.full_like(scores, -1e9), indices.clone(),
-                   torch.zeros(1, num_beams, dtype=torch.bool, device=device),
-                   torch.ones(1, 1, dtype=torch.bool, device=device), p)
+        return cls(
+            running,
+            scores,
+            indices,
+            running.clone(),
+            torch.full_like(scores, -1e9),
+            indices.clone(),
+            torch.zeros(1, num_beams, dtype=torch.bool, device=device),
+            torch.ones(1, 1, dtype=torch.bool, device=device),
+            p,
+        )
 
-    def clone(self) -> "Beams":
+    def clone(self) -> Beams:
         return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self) if f.name != "cur_len"})
 
 
@@ -128,18 +147,20 @@ class BeamSearch:
         m, n, c, p_len = self.m, self.m.num_beams, self.m.candidates, self.prompt_len
         max_new = self.max_length - p_len
         self.b = b
-        self.image_row = self.prompt_mask[b:b + 1]
+        self.image_row = self.prompt_mask[b : b + 1]
         index = torch.tensor([b], device=prompt_ids.device)
         self.image_kwargs = {k: _rows(k, v, index) if k in SEQUENCE_KEYS else v for k, v in self.kwargs.items()}
         zeros = torch.zeros(n, dtype=torch.long, device=prompt_ids.device)
         for layer, (k, v) in zip(self.cache.layers, self.prompt_kv):
-            layer.keys, layer.values = k[b:b + 1].expand(n, -1, -1, -1), v[b:b + 1].expand(n, -1, -1, -1)
+            layer.keys, layer.values = k[b : b + 1].expand(n, -1, -1, -1), v[b : b + 1].expand(n, -1, -1, -1)
         self.set_states({name: s.select(index) for name, s in self.prompt_states.items()}, zeros)
-        self.stash = [(k.new_empty(n, k.shape[1], max_new, k.shape[3]), v.new_empty(n, v.shape[1], max_new, v.shape[3]))
-                      for k, v in self.prompt_kv]
+        self.stash = [
+            (k.new_empty(n, k.shape[1], max_new, k.shape[3]), v.new_empty(n, v.shape[1], max_new, v.shape[3]))
+            for k, v in self.prompt_kv
+        ]
         beams = Beams.start(prompt_ids, n, self.max_length, self.fill)
         history = torch.zeros(n, max_new, dtype=torch.float64, device=prompt_ids.device)
-        logits = self.first_logits[b:b + 1].expand(n, -1)
+        logits = self.first_logits[b : b + 1].expand(n, -1)
         snaps, locations, rollbacks, fallbacks = [], [], [], 0
         self.rollbacks_at, self.rejected = [0] * (max_new + 1), {}
         t = 0
@@ -191,10 +212,18 @@ class BeamSearch:
         """transformers' beam-search step on (N, V) token scores (before logits processors); updates `beams`.
         Returns each new beam's parent slot and token, and whether the search is over."""
         model, n, p_len, cur = self.model, self.m.num_beams, self.prompt_len, beams.cur_len
-        common = dict(num_beams=n, decoder_prompt_len=p_len, early_stopping=self.early_stopping,
-                      length_penalty=self.length_penalty, max_length=self.max_length, batch_size=1,
-                      vocab_size=scores.shape[-1], do_sample=False, beams_to_keep=self.beams_to_keep,
-                      top_num_beam_mask=self.top_num_beam_mask)
+        common = dict(
+            num_beams=n,
+            decoder_prompt_len=p_len,
+            early_stopping=self.early_stopping,
+            length_penalty=self.length_penalty,
+            max_length=self.max_length,
+            batch_size=1,
+            vocab_size=scores.shape[-1],
+            do_sample=False,
+            beams_to_keep=self.beams_to_keep,
+            top_num_beam_mask=self.top_num_beam_mask,
+        )
         scores = self.processor(beams.running_sequences[0, :, :cur], scores)
         accumulated = (scores + beams.running_beam_scores.view(n, 1)).view(1, -1)
 
@@ -202,27 +231,52 @@ class BeamSearch:
             return compat.beam_helper(model, helper, common, **arguments)
 
         topk_scores, topk_sequences, topk_indices = call(
-            "_get_top_k_continuations", accumulated_log_probs=accumulated, cur_len=cur,
-            running_sequences=beams.running_sequences, running_beam_indices=beams.running_beam_indices)
+            "_get_top_k_continuations",
+            accumulated_log_probs=accumulated,
+            cur_len=cur,
+            running_sequences=beams.running_sequences,
+            running_beam_indices=beams.running_beam_indices,
+        )
         hits = self.stopping(topk_sequences[0, :, : cur + 1], None).view(1, -1)
         beams.running_sequences, beams.running_beam_scores, beams.running_beam_indices = call(
-            "_get_running_beams_for_next_iteration", topk_log_probs=topk_scores,
-            topk_running_sequences=topk_sequences, topk_running_beam_indices=topk_indices,
-            next_token_hits_stopping_criteria=hits)
+            "_get_running_beams_for_next_iteration",
+            topk_log_probs=topk_scores,
+            topk_running_sequences=topk_sequences,
+            topk_running_beam_indices=topk_indices,
+            next_token_hits_stopping_criteria=hits,
+        )
         beams.sequences, beams.beam_scores, beams.beam_indices, beams.is_sent_finished = call(
-            "_update_finished_beams", sequences=beams.sequences, topk_running_sequences=topk_sequences,
-            beam_scores=beams.beam_scores, topk_log_probs=topk_scores, beam_indices=beams.beam_indices,
-            topk_running_beam_indices=topk_indices, is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
-            is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits, cur_len=cur)
+            "_update_finished_beams",
+            sequences=beams.sequences,
+            topk_running_sequences=topk_sequences,
+            beam_scores=beams.beam_scores,
+            topk_log_probs=topk_scores,
+            beam_indices=beams.beam_indices,
+            topk_running_beam_indices=topk_indices,
+            is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+            is_sent_finished=beams.is_sent_finished,
+            next_token_hits_stopping_criteria=hits,
+            cur_len=cur,
+        )
         parents = beams.running_beam_indices[0, :, cur - p_len].long()
         tokens = beams.running_sequences[0, :, cur]
         beams.cur_len = cur + 1
-        beams.unsatisfied = call("_check_early_stop_heuristic", is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
-                                 running_beam_scores=beams.running_beam_scores, beam_scores=beams.beam_scores,
-                                 is_sent_finished=beams.is_sent_finished, cur_len=cur + 1)
-        done = not bool(call("_beam_search_has_unfinished_sequences",
-                             is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
-                             is_sent_finished=beams.is_sent_finished, next_token_hits_stopping_criteria=hits))
+        beams.unsatisfied = call(
+            "_check_early_stop_heuristic",
+            is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+            running_beam_scores=beams.running_beam_scores,
+            beam_scores=beams.beam_scores,
+            is_sent_finished=beams.is_sent_finished,
+            cur_len=cur + 1,
+        )
+        done = not bool(
+            call(
+                "_beam_search_has_unfinished_sequences",
+                is_early_stop_heuristic_unsatisfied=beams.unsatisfied,
+                is_sent_finished=beams.is_sent_finished,
+                next_token_hits_stopping_criteria=hits,
+            )
+        )
         return parents, tokens, done
 
     def rollback_target(self, locations):
@@ -248,17 +302,19 @@ class BeamSearch:
         pairs = chosen.running_beam_indices[0, :, p].long() * v + chosen.running_sequences[0, :, p_len + p]
         self.rejected = {q: r for q, r in self.rejected.items() if q <= p}
         self.rejected[p] = torch.cat([self.rejected.get(p, pairs[:0]), pairs])
-        del locations[p + 1:]
+        del locations[p + 1 :]
         beams, history = snaps[p].beams.clone(), snaps[p].history.clone()
         lineage = beams.running_beam_indices[0, :, :p].long()  # (N, p): each beam's parent slot at steps 0..p-1
         steps = torch.arange(p - 1, device=lineage.device)
         b = self.b
         for layer, (k, val), (sk, sv) in zip(self.cache.layers, self.prompt_kv, self.stash):
             # the entry of response position s < p - 1 is the one the beam's ancestor at state s + 1 added
-            layer.keys = torch.cat([k[b:b + 1].expand(n, -1, -1, -1),
-                                    sk[lineage[:, 1:], :, steps].permute(0, 2, 1, 3)], dim=2)
-            layer.values = torch.cat([val[b:b + 1].expand(n, -1, -1, -1),
-                                      sv[lineage[:, 1:], :, steps].permute(0, 2, 1, 3)], dim=2)
+            layer.keys = torch.cat(
+                [k[b : b + 1].expand(n, -1, -1, -1), sk[lineage[:, 1:], :, steps].permute(0, 2, 1, 3)], dim=2
+            )
+            layer.values = torch.cat(
+                [val[b : b + 1].expand(n, -1, -1, -1), sv[lineage[:, 1:], :, steps].permute(0, 2, 1, 3)], dim=2
+            )
         self.set_states(snaps[p - 1].states, lineage[:, p - 1])
         logits, _ = self.forward(beams.running_sequences[0, :, p_len + p - 1], p - 1)
         return beams, history, logits
@@ -273,8 +329,9 @@ class BeamSearch:
             kwargs = compat.update_model_kwargs(self.model, {}, kwargs, num_new_tokens=position)
         rows = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         kwargs = {k: _rows(k, v, rows) if k in SEQUENCE_KEYS else v for k, v in kwargs.items()}
-        inputs = self.model.prepare_inputs_for_generation(tokens[:, None], next_sequence_length=1,
-                                                          **compat.with_cache(kwargs, self.cache))
+        inputs = self.model.prepare_inputs_for_generation(
+            tokens[:, None], next_sequence_length=1, **compat.with_cache(kwargs, self.cache)
+        )
         out = self.model(**inputs, return_dict=True)
         return out.logits[:, -1].float(), self.batch.state(self.m).row
 

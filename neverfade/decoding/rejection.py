@@ -18,8 +18,9 @@ def saliencies(logits, candidates, rows, keys, batched=True):
     if batched:
         try:
             cotangents = torch.eye(k, device=logits.device, dtype=losses.dtype)[:, None, :].expand(k, *losses.shape)
-            grads = torch.autograd.grad(losses, rows, grad_outputs=cotangents, is_grads_batched=True,
-                                        retain_graph=True)  # kept for the fallback
+            grads = torch.autograd.grad(
+                losses, rows, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+            )  # kept for the fallback
         except RuntimeError:
             return saliencies(logits, candidates, rows, keys, batched=False)
     else:
@@ -104,4 +105,3 @@ def _detach_cache(cache) -> None:
     for layer in getattr(cache, "layers", []):
         if getattr(layer, "keys", None) is not None and layer.keys.requires_grad:
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-

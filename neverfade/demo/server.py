@@ -1,12 +1,12 @@
 """The demo's HTTP server (standard library, bound to 127.0.0.1).
 
-    GET  /                      the page (static/index.html, app.js, style.css)
-    GET  /api/info              the model, the methods, the samples
-    GET  /api/samples/<id>.png  a held-out synthetic scene
-    POST /api/caption?methods=baseline,sparc:tau=8+locore[&sample=<id>]
-                                method settings as on the command line (neverfade.methods.spec), one pane each;
-                                body: the image file's bytes (none with `sample`); answers a stream of JSON lines
-                                (demo.stream), or a 4xx with {"error": "..."} for a bad request
+GET  /                      the page (static/index.html, app.js, style.css)
+GET  /api/info              the model, the methods, the samples
+GET  /api/samples/<id>.png  a held-out synthetic scene
+POST /api/caption?methods=baseline,sparc:tau=8+locore[&sample=<id>]
+                            method settings as on the command line (neverfade.methods.spec), one pane each;
+                            body: the image file's bytes (none with `sample`); answers a stream of JSON lines
+                            (demo.stream), or a 4xx with {"error": "..."} for a bad request
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image
 
 MB = 1024 * 1024
-STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-          "style.css": "text/css; charset=utf-8"}
+STATIC = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
 
 
 class RequestError(Exception):
@@ -39,8 +42,16 @@ class DemoApp:
     """What the server serves: one model (one caption at a time), the method parameters given on the command line,
     and the sample scenes."""
 
-    def __init__(self, captioner, method_params: dict[str, dict[str, Any]] | None = None, max_new_tokens: int = 200,
-                 prompt: str | None = None, samples: int = 8, max_upload_mb: float = 20, world: str = "default"):
+    def __init__(
+        self,
+        captioner,
+        method_params: dict[str, dict[str, Any]] | None = None,
+        max_new_tokens: int = 200,
+        prompt: str | None = None,
+        samples: int = 8,
+        max_upload_mb: float = 20,
+        world: str = "default",
+    ):
         from neverfade.api import DEFAULT_PROMPT
         from neverfade.scenes import HELD_OUT_SEEDS
 
@@ -55,12 +66,17 @@ class DemoApp:
     def info(self) -> dict:
         from neverfade.methods import BASELINE, METHODS
 
-        return {"model": self.captioner.name, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
-                "max_upload_mb": self.max_upload / MB, "methods": [BASELINE, *METHODS],
-                "samples": [{"id": s, "url": f"/api/samples/{s}.png"} for s in self.samples]}
+        return {
+            "model": self.captioner.name,
+            "prompt": self.prompt,
+            "max_new_tokens": self.max_new_tokens,
+            "max_upload_mb": self.max_upload / MB,
+            "methods": [BASELINE, *METHODS],
+            "samples": [{"id": s, "url": f"/api/samples/{s}.png"} for s in self.samples],
+        }
 
     def settings(self, text: str) -> list[tuple[str, list[str], dict]]:
-        """"baseline,sparc:tau=8+locore" (method settings as the command line writes them, separated by commas) ->
+        """ "baseline,sparc:tau=8+locore" (method settings as the command line writes them, separated by commas) ->
         one (label, names, parameters) per pane, the command line's method flags merged in; a bad setting is a 400."""
         from neverfade.methods import ParameterError, build_methods
         from neverfade.methods.spec import format_spec, parse_spec, setting, split_list
@@ -134,13 +150,13 @@ class Handler(BaseHTTPRequestHandler):
         path = url.path
         if path in ("/", "/index.html"):
             path = "/static/index.html"
-        if path.startswith("/static/") and path[len("/static/"):] in STATIC:
-            name = path[len("/static/"):]
+        if path.startswith("/static/") and path[len("/static/") :] in STATIC:
+            name = path[len("/static/") :]
             self._send(200, STATIC[name], resources.files("neverfade.demo").joinpath("static", name).read_bytes())
         elif path == "/api/info":
             self._json(200, self.app.info())
         elif path.startswith("/api/samples/") and path.endswith(".png"):
-            self._send(200, "image/png", self.app.sample_png(path[len("/api/samples/"):-len(".png")]))
+            self._send(200, "image/png", self.app.sample_png(path[len("/api/samples/") : -len(".png")]))
         elif path == "/api/caption":
             raise RequestError(405, "POST the image to /api/caption")
         else:
@@ -165,8 +181,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            for event in caption_events(self.app.captioner, image, objects, settings, self.app.prompt,
-                                        self.app.max_new_tokens):
+            for event in caption_events(
+                self.app.captioner, image, objects, settings, self.app.prompt, self.app.max_new_tokens
+            ):
                 self.wfile.write((json.dumps(event, ensure_ascii=False) + "\n").encode())
                 self.wfile.flush()
 

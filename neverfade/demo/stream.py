@@ -48,12 +48,13 @@ class StreamTokens:
     def flush(self, ids: torch.Tensor | list) -> None:
         ids = torch.as_tensor(ids)
         if self.sent is not None and ids.shape[0] > self.sent:
-            self.streamer.put(ids[self.sent:].cpu())
+            self.streamer.put(ids[self.sent :].cpu())
         self.sent = ids.shape[0]
 
 
-def caption_events(captioner, image: Image.Image, objects: list[str] | None, settings, prompt: str,
-                   max_new_tokens: int) -> Iterator[dict[str, Any]]:
+def caption_events(
+    captioner, image: Image.Image, objects: list[str] | None, settings, prompt: str, max_new_tokens: int
+) -> Iterator[dict[str, Any]]:
     """`settings`: (label, method names, their parameters) per pane. `objects`: the scene's ground truth, if known."""
     yield {"event": "image", "src": png_data_url(model_view(image, captioner)), "ground_truth": objects is not None}
     for run, (label, names, params) in enumerate(settings):
@@ -79,8 +80,13 @@ def _one_run(captioner, run, image, objects, names, params, prompt, max_new_toke
 
     def generate():
         try:
-            done["run"] = captioner.run([image], prompt, max_new_tokens, watch=[probe] if probe else [],
-                                        logits_processor=LogitsProcessorList([feed] if feed else []))
+            done["run"] = captioner.run(
+                [image],
+                prompt,
+                max_new_tokens,
+                watch=[probe] if probe else [],
+                logits_processor=LogitsProcessorList([feed] if feed else []),
+            )
             if feed is not None:  # the last token: no logits processor saw it
                 feed.flush(feed_ids(done["run"]))
         except Exception as err:
@@ -103,11 +109,23 @@ def _one_run(captioner, run, image, objects, names, params, prompt, max_new_toke
     generation = done["run"]
     ids = generation.token_ids[0]
     text, spans = token_spans(tokenizer, ids)
-    words = [{"start": m.start(), "end": m.end(),
-              "tokens": [k for k, (a, b) in enumerate(spans) if a < m.end() and b > m.start()]}
-             for m in re.finditer(r"\S+", text)]
-    event = {"event": "done", "run": run, "caption": text, "new_tokens": len(ids), "words": words,
-             **object_marks(text, objects), "heatmap": None}
+    words = [
+        {
+            "start": m.start(),
+            "end": m.end(),
+            "tokens": [k for k, (a, b) in enumerate(spans) if a < m.end() and b > m.start()],
+        }
+        for m in re.finditer(r"\S+", text)
+    ]
+    event = {
+        "event": "done",
+        "run": run,
+        "caption": text,
+        "new_tokens": len(ids),
+        "words": words,
+        **object_marks(text, objects),
+        "heatmap": None,
+    }
     if probe is not None and probe.name in generation.records:
         event["heatmap"] = _selections(captioner, generation, probe, words)
     yield event

@@ -65,8 +65,9 @@ def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), 
 def neverfade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     engine = getattr(module, "_neverfade_engine", None)
     if engine is None or not engine.hooks:
-        return compat.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                             dropout=dropout, **kwargs)
+        return compat.sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     return engine.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 

@@ -19,10 +19,10 @@ class SequenceState:
     """Base of a method's state whose every field is a (B, ...) tensor, one row per sequence: a decoding loop that
     moves sequences (beam search) reorders it with them."""
 
-    def select(self, index: torch.Tensor) -> "SequenceState":
+    def select(self, index: torch.Tensor) -> SequenceState:
         return replace(self, **{f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)})
 
-    def clone(self) -> "SequenceState":
+    def clone(self) -> SequenceState:
         return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
 
 
@@ -55,8 +55,10 @@ class Batch:
         for name, state in self.states.items():
             if name != leave_out and not isinstance(state, SequenceState):
                 kept = ", ".join(vars(state)) if hasattr(state, "__dict__") else type(state).__name__
-                raise ParameterError(f"{leave_out or 'this loop'} cannot make {name}'s state ({kept}) follow its "
-                                     f"beams: it is not per-sequence tensors; use {leave_out or 'it'} without {name}")
+                raise ParameterError(
+                    f"{leave_out or 'this loop'} cannot make {name}'s state ({kept}) follow its "
+                    f"beams: it is not per-sequence tensors; use {leave_out or 'it'} without {name}"
+                )
         return {name: s for name, s in self.states.items() if name != leave_out}
 
     def snapshot(self, leave_out: str | None = None) -> dict[str, SequenceState]:

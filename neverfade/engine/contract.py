@@ -89,7 +89,8 @@ class Method:
         unknown = set(values) - set(known)
         if unknown:
             raise ParameterError(
-                f"{self.name} has no parameter {', '.join(sorted(unknown))}; it has {', '.join(known) or 'none'}")
+                f"{self.name} has no parameter {', '.join(sorted(unknown))}; it has {', '.join(known) or 'none'}"
+            )
         for name, p in known.items():
             setattr(self, name, p.check(values.get(name, p.default)))
 

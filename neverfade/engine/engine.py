@@ -32,8 +32,11 @@ class Engine:
         self.flags = check_flags(self.methods + self.probes)  # again after binding: refused before any step runs
         # a probe sees the methods' state after their observe; a decoding strategy (SGRS) sees the attention after
         # every other method's reweighting
-        self.hooks = ([m for m in self.methods if not self.flags[m].strategy] + self.probes
-                      + [m for m in self.methods if self.flags[m].strategy])
+        self.hooks = (
+            [m for m in self.methods if not self.flags[m].strategy]
+            + self.probes
+            + [m for m in self.methods if self.flags[m].strategy]
+        )
         self.stepping = [m for m in self.hooks if "begin_step" in m.hooks]
         n = self.info.num_layers
         self.decode_layers = [[m for m in self.hooks if layer in m.decode_layers(n)] for layer in range(n)]
@@ -58,7 +61,7 @@ class Engine:
         return decoding.custom_generate(*self.strategy) if self.strategy else None
 
     # ---- attaching ----
-    def attach(self) -> "Engine":
+    def attach(self) -> Engine:
         compat.warn_if_untested()
         attention.register()
         text_config = self.model.config.get_text_config()
@@ -88,13 +91,16 @@ class Engine:
         per decode step (no host synchronisation), so a captured step replays it."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            raise ValueError("neverfade needs input_ids at every forward: at the prompt to find the image tokens, "
-                             "at a decode step to count it")
+            raise ValueError(
+                "neverfade needs input_ids at every forward: at the prompt to find the image tokens, "
+                "at a decode step to count it"
+            )
         cache = compat.cache_of(kwargs)
         if cache is None and input_ids.shape[1] == 1:  # a decode step neverfade cannot tie to its prompt
             raise compat.UnsupportedTransformers(
                 "a one-token forward came without the KV cache, so neverfade cannot tell which prompt it continues "
-                f"(keyword arguments: {', '.join(sorted(kwargs))}); generate with use_cache=True")
+                f"(keyword arguments: {', '.join(sorted(kwargs))}); generate with use_cache=True"
+            )
         self._step_cache = {}
         known = self._batches.get(cache, self.batch) if cache is not None else None
         if known is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
@@ -122,11 +128,13 @@ class Engine:
         batch = self.batch
         if batch is None or batch.step == 0:
             raise compat.UnsupportedTransformers(
-                f"{new_tokens} tokens were generated, but neverfade saw no decode step: the methods did not act")
+                f"{new_tokens} tokens were generated, but neverfade saw no decode step: the methods did not act"
+            )
         if batch.rows == 0 and any(self.decode_layers):
             raise compat.UnsupportedTransformers(
                 "the decode steps' attention did not come through neverfade's attention function: the methods did "
-                "not act")
+                "not act"
+            )
 
     @property
     def capturable(self) -> bool:
@@ -148,8 +156,10 @@ class Engine:
             return cached[1]
         boosts = [b for b in (m.key_boost(self.batch, keys) for m in editors) if b is not None]
         scales = [s for s in (m.key_scale(self.batch, keys) for m in editors) if s is not None]
-        edits = (functools.reduce(torch.add, boosts) if boosts else None,
-                 functools.reduce(torch.mul, scales) if scales else None)
+        edits = (
+            functools.reduce(torch.add, boosts) if boosts else None,
+            functools.reduce(torch.mul, scales) if scales else None,
+        )
         self._step_cache[editors] = (keys, edits)
         return edits
 
@@ -162,23 +172,34 @@ class Engine:
     def _row(self, query, key, value, attention_mask, scaling, layer, rows):
         editors, observers, reweighters = rows[layer]
         bias = self._bias(attention_mask, key.shape[2], key.shape[1], query.dtype)
-        return attention.attention_row(query, key, value, bias, scaling, self._edits(editors, key.shape[2]), layer,
-                                       observers, reweighters, self.batch)
+        return attention.attention_row(
+            query,
+            key,
+            value,
+            bias,
+            scaling,
+            self._edits(editors, key.shape[2]),
+            layer,
+            observers,
+            reweighters,
+            self.batch,
+        )
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
         layer = module.layer_idx
         batch = self.batch
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        if query.shape[2] == 1 and batch is not None and batch.step > 0:
-            if self.decode_layers[layer]:
-                batch.rows += 1
-                return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
-        out, _ = compat.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                               dropout=dropout, **kwargs)
+        if query.shape[2] == 1 and batch is not None and batch.step > 0 and self.decode_layers[layer]:
+            batch.rows += 1
+            return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
+        out, _ = compat.sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
             keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys
-            row = self._row(query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask, scaling, layer,
-                            self.prefill_rows)
+            row = self._row(
+                query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask, scaling, layer, self.prefill_rows
+            )
             out = torch.cat([out[:, :-1], row], dim=1)  # not in place: SGRS backpropagates through SDPA's output
         return out, None

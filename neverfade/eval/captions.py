@@ -31,12 +31,18 @@ class Captions:
         return next((r.get("methods") for r in self.records.values()), None)
 
     def describe(self) -> dict[str, Any]:
-        return {"captions": self.path, "run": self.run, "model": self.model, "methods": self.methods,
-                "n_captions": len(self.records), "n_skipped": len(self.skipped)}
+        return {
+            "captions": self.path,
+            "run": self.run,
+            "model": self.model,
+            "methods": self.methods,
+            "n_captions": len(self.records),
+            "n_skipped": len(self.skipped),
+        }
 
 
 def method_label(methods: list | None) -> str:
-    """"sparc+locore", or "baseline" for no method."""
+    """ "sparc+locore", or "baseline" for no method."""
     return "+".join(str(m.get("name", m)) if isinstance(m, dict) else str(m) for m in methods or []) or "baseline"
 
 
@@ -65,6 +71,7 @@ def load(path: str | Path) -> Captions:
     """The captions of a file that holds one run."""
     runs = load_runs(path)
     if len(runs) > 1:
-        raise AnnotationError(f"{path}: holds {len(runs)} runs ({', '.join(method_label(r.methods) for r in runs)}); "
-                              f"use load_runs")
+        raise AnnotationError(
+            f"{path}: holds {len(runs)} runs ({', '.join(method_label(r.methods) for r in runs)}); use load_runs"
+        )
     return runs[0]

@@ -80,9 +80,12 @@ class GroundTruth:
     @classmethod
     def from_coco(cls, annotations_dir: str | Path, cache_dir: str | Path | None = None) -> GroundTruth:
         files = annotation_files(annotations_dir)
-        key = hashlib.sha256(json.dumps(
-            [Path(chair_words.__file__).read_text()] + [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
-                                                        for f in files]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps(
+                [Path(chair_words.__file__).read_text()]
+                + [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+            ).encode()
+        ).hexdigest()[:16]
         cache = Path(cache_dir or default_cache_dir()) / "chair" / f"ground-truth-{key}.json"
         if cache.is_file():
             with open(cache, encoding="utf-8") as f:
@@ -97,8 +100,9 @@ class GroundTruth:
                             raise AnnotationError(f"{path}: category {name!r} is not one of the 80 COCO categories")
                     objects.setdefault(image_id, set()).update(vocabulary.category_of[n] for n in names)
             else:
-                for image_id, texts in tqdm(coco.load_captions(path)[1].items(), desc=f"parsing {path.name}",
-                                            unit="image", leave=False):
+                for image_id, texts in tqdm(
+                    coco.load_captions(path)[1].items(), desc=f"parsing {path.name}", unit="image", leave=False
+                ):
                     found = objects.setdefault(image_id, set())
                     for text in texts:
                         found.update(category for _, category in vocabulary.objects(text))
@@ -134,8 +138,9 @@ def score_caption(vocabulary: chair_words.Vocabulary, caption: str, gt: frozense
     }
 
 
-def evaluate(captions: Captions, truth: GroundTruth, n_boot: int = 1000, seed: int = 0, n_draws: int = 5,
-             draw_size: int = 500) -> dict[str, Any]:
+def evaluate(
+    captions: Captions, truth: GroundTruth, n_boot: int = 1000, seed: int = 0, n_draws: int = 5, draw_size: int = 500
+) -> dict[str, Any]:
     """CHAIR of one caption file: overall metrics, bootstrap CIs over images, the paper's draws, per caption."""
     vocabulary = chair_words.Vocabulary()
     per_caption, counts, unknown = [], [], []
@@ -146,11 +151,22 @@ def evaluate(captions: Captions, truth: GroundTruth, n_boot: int = 1000, seed: i
             continue
         scored = score_caption(vocabulary, record["caption"], truth.objects[coco_id])
         per_caption.append({"id": key, "image_id": coco_id, "caption": record["caption"], **scored})
-        counts.append([1, scored["CHAIRs"], len(scored["mentioned"]), len(scored["hallucinated"]),
-                       len(scored["gt"]), len(scored["recalled"]), scored["words"]])
+        counts.append(
+            [
+                1,
+                scored["CHAIRs"],
+                len(scored["mentioned"]),
+                len(scored["hallucinated"]),
+                len(scored["gt"]),
+                len(scored["recalled"]),
+                scored["words"],
+            ]
+        )
     if unknown:
-        raise AnnotationError(f"{captions.path}: {len(unknown)} caption(s) name images absent from the annotation "
-                              f"files (first: id {unknown[0]!r}); CHAIR needs COCO 2014 image ids")
+        raise AnnotationError(
+            f"{captions.path}: {len(unknown)} caption(s) name images absent from the annotation "
+            f"files (first: id {unknown[0]!r}); CHAIR needs COCO 2014 image ids"
+        )
     counts = np.array(counts, float)
     return {
         "metric": "chair",

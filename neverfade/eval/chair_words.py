@@ -104,10 +104,34 @@ toothbrush
 # Two-word phrases read as one word (the original's list; "dining table" added, which changes no result because
 # "dining" alone is no object). Phrases that are not objects ("home plate", "train track") stop their words firing.
 PHRASES = [
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
-    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
-    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier", "potted plant",
-    "bow tie", "laptop computer", "stove top oven", "home plate", "train track", "dining table",
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
+    "dining table",
 ]
 # "baby elephant" is an elephant, not a person plus an elephant; "passenger train" is a train, not a person.
 ANIMAL_WORDS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"]
@@ -116,9 +140,17 @@ RENAMED_PHRASES = {"bow tie": "tie", "toilet seat": "toilet"}
 
 # Plurals that English rules do not produce.
 IRREGULAR_PLURALS = {
-    "person": ["people", "persons"], "child": ["children"], "mouse": ["mice"], "goose": ["geese"],
-    "ox": ["oxen"], "knife": ["knives"], "calf": ["calves"], "bus": ["buses", "busses"],
-    "grandchild": ["grandchildren"], "pocketknife": ["pocketknives"], "thief": ["thieves"],
+    "person": ["people", "persons"],
+    "child": ["children"],
+    "mouse": ["mice"],
+    "goose": ["geese"],
+    "ox": ["oxen"],
+    "knife": ["knives"],
+    "calf": ["calves"],
+    "bus": ["buses", "busses"],
+    "grandchild": ["grandchildren"],
+    "pocketknife": ["pocketknives"],
+    "thief": ["thieves"],
 }
 SAME_IN_PLURAL = {"sheep", "bison", "buffalo", "aircraft", "fowl", "waterfowl", "quail", "cattle", "skis", "scissors"}
 

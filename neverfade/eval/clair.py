@@ -54,8 +54,10 @@ class JudgeError(UserError):
 
 
 def build_prompt(candidates: list[str], references: list[str]) -> str:
-    return PROMPT.format(candidate_statements="".join(f"- {c}\n" for c in candidates),
-                         target_statements="".join(f"- {t}\n" for t in references))
+    return PROMPT.format(
+        candidate_statements="".join(f"- {c}\n" for c in candidates),
+        target_statements="".join(f"- {t}\n" for t in references),
+    )
 
 
 def parse(text: str) -> tuple[float | None, str | None]:
@@ -70,8 +72,10 @@ def parse(text: str) -> tuple[float | None, str | None]:
         return None, None
     score = float(numbers[0])
     reason = re.findall(r"(?i)reason.*", text)
-    return (score * 100 if score < 1 else score,
-            reason[0].strip()[len("reason"):].replace(":", "").strip() if reason else "Unknown")
+    return (
+        score * 100 if score < 1 else score,
+        reason[0].strip()[len("reason") :].replace(":", "").strip() if reason else "Unknown",
+    )
 
 
 def _retried_by_client(status: int) -> bool:
@@ -108,8 +112,9 @@ class Judge:
             raise UserError("the CLAIR judge needs the openai package: pip install 'neverfade[clair]'") from None
         self._openai = openai
         # The key is always given, so the client never reads OPENAI_API_KEY; without one, no Authorization header.
-        self._client = openai.OpenAI(base_url=self.url, api_key=self.api_key or "none", max_retries=self.retries,
-                                     timeout=self.timeout)
+        self._client = openai.OpenAI(
+            base_url=self.url, api_key=self.api_key or "none", max_retries=self.retries, timeout=self.timeout
+        )
         self._headers = {} if self.api_key else {"Authorization": openai.Omit()}
 
     def complete(self, prompt: str) -> str:
@@ -121,14 +126,19 @@ class Judge:
                 raise JudgeError("stopped")
             try:
                 response = self._client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
-                    max_tokens=self.max_tokens, extra_headers=self._headers)
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    temperature=0.0,
+                    max_tokens=self.max_tokens,
+                    extra_headers=self._headers,
+                )
             except openai.APIStatusError as err:
                 if _retried_by_client(err.status_code):
                     raise JudgeError(f"{failed} HTTP {err.status_code}") from None
                 hint = " (no API key was given)" if err.status_code in (401, 403) and not self.api_key else ""
-                raise JudgeError(f"judge at {self.url} answered HTTP {err.status_code}{hint}: "
-                                 f"{err.response.text[:300]}") from None
+                raise JudgeError(
+                    f"judge at {self.url} answered HTTP {err.status_code}{hint}: {err.response.text[:300]}"
+                ) from None
             except openai.APITimeoutError:
                 raise JudgeError(f"{failed} no answer within {self.timeout:g} s") from None
             except openai.APIConnectionError as err:
@@ -153,8 +163,11 @@ class AnswerCache:
             return
         number = 0
         for number, record in jsonl.read_jsonl(self.path):
-            if not (isinstance(record, dict) and isinstance(record.get("key"), str)
-                    and isinstance(record.get("answer"), str)):
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("key"), str)
+                and isinstance(record.get("answer"), str)
+            ):
                 raise UserError(f"{self.path}:{number}: not a judge answer (a JSON object with 'key' and 'answer')")
             self.answers[record["key"]] = record["answer"]
         data = self.path.read_bytes()
@@ -183,8 +196,9 @@ class AnswerCache:
             self.answers[key] = answer
 
 
-def score_one(judge: Judge, cache: AnswerCache, candidates: list[str], references: list[str],
-              tries: int = 3) -> dict[str, Any]:
+def score_one(
+    judge: Judge, cache: AnswerCache, candidates: list[str], references: list[str], tries: int = 3
+) -> dict[str, Any]:
     """CLAIR of one candidate set: {"score" (0-1), "reason", "tries"}, asking the judge only what is not cached."""
     prompt = build_prompt(candidates, references)
     for attempt in range(tries):
@@ -221,21 +235,32 @@ def metrics(sums: np.ndarray) -> dict[str, np.ndarray]:
     return {"CLAIR": report.ratio(sums[..., 0], sums[..., 1])}
 
 
-def evaluate(captions: Captions, references: dict[str, list[str]], judge: Judge, cache: AnswerCache,
-             concurrency: int = 8, tries: int = 3, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    captions: Captions,
+    references: dict[str, list[str]],
+    judge: Judge,
+    cache: AnswerCache,
+    concurrency: int = 8,
+    tries: int = 3,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Mean CLAIR over the captions, a bootstrap CI over images, and each caption's score and reason."""
     reference_of = {key: references.get(key, references.get(Path(key).stem)) for key in captions.records}
     missing = [key for key, refs in reference_of.items() if refs is None]  # ids may be image file names
     if missing:
-        raise AnnotationError(f"{captions.path}: {len(missing)} caption id(s) have no reference "
-                              f"(first: {missing[0]!r})")
+        raise AnnotationError(
+            f"{captions.path}: {len(missing)} caption id(s) have no reference (first: {missing[0]!r})"
+        )
     keys = list(captions.records)
     judge.stop.clear()
     scored: dict[str, dict[str, Any]] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
-        futures = {pool.submit(score_one, judge, cache, [captions.records[k]["caption"]], reference_of[k], tries): k
-                   for k in keys}
+        futures = {
+            pool.submit(score_one, judge, cache, [captions.records[k]["caption"]], reference_of[k], tries): k
+            for k in keys
+        }
         for future in tqdm(as_completed(futures), total=len(futures), desc="CLAIR", unit="caption"):
             scored[futures[future]] = future.result()
     except BaseException:
@@ -249,8 +274,11 @@ def evaluate(captions: Captions, references: dict[str, list[str]], judge: Judge,
         "metric": "clair",
         **captions.describe(),
         "judge": {"url": judge.url, "model": judge.model, "tries": tries},
-        "overall": {**report.point(counts, metrics), "n": len(counts),
-                    "unparsed": sum(1 for r in per_caption if r.get("unparsed"))},
+        "overall": {
+            **report.point(counts, metrics),
+            "n": len(counts),
+            "unparsed": sum(1 for r in per_caption if r.get("unparsed")),
+        },
         "ci": report.bootstrap(counts, metrics, n=n_boot, seed=seed) if n_boot else {},
         "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95, "over": "images"},
         "per_caption": per_caption,

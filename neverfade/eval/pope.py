@@ -45,16 +45,23 @@ def question_text(category: str) -> str:
     return f"Is there {article} {category} in the image?"
 
 
-def build(files: dict[int, str], objects: dict[int, set[str]], strategy: str, n_images: int = 500,
-          per_image: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+def build(
+    files: dict[int, str],
+    objects: dict[int, set[str]],
+    strategy: str,
+    n_images: int = 500,
+    per_image: int = 3,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Questions for `n_images` images drawn by `seed` from those with at least `per_image` categories."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown POPE strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     rng = random.Random(seed)
     eligible = sorted(i for i, found in objects.items() if len(found) >= per_image)
     if len(eligible) < n_images:
-        raise ValueError(f"only {len(eligible)} images have {per_image} or more object categories; "
-                         f"{n_images} asked for")
+        raise ValueError(
+            f"only {len(eligible)} images have {per_image} or more object categories; {n_images} asked for"
+        )
     images = rng.sample(eligible, n_images)
     categories = sorted(set().union(*objects.values()))
     frequency = Counter(c for i in images for c in objects[i])
@@ -76,17 +83,32 @@ def build(files: dict[int, str], objects: dict[int, set[str]], strategy: str, n_
             else:
                 ranked = []
             candidates = [c for c in ranked if c not in present and c not in asked]
-            negative = candidates[0] if candidates else rng.choice(
-                [c for c in categories if c not in present and c not in asked])
+            negative = (
+                candidates[0]
+                if candidates
+                else rng.choice([c for c in categories if c not in present and c not in asked])
+            )
             asked.add(negative)
             for category, label in ((positive, "yes"), (negative, "no")):
-                questions.append({"question_id": len(questions) + 1, "image": files[i],
-                                  "text": question_text(category), "label": label})
+                questions.append(
+                    {
+                        "question_id": len(questions) + 1,
+                        "image": files[i],
+                        "text": question_text(category),
+                        "label": label,
+                    }
+                )
     return questions
 
 
-def build_from_coco(annotations_dir: str | Path, strategy: str, n_images: int = 500, per_image: int = 3,
-                    seed: int = 0, split: str = "val") -> list[dict[str, Any]]:
+def build_from_coco(
+    annotations_dir: str | Path,
+    strategy: str,
+    n_images: int = 500,
+    per_image: int = 3,
+    seed: int = 0,
+    split: str = "val",
+) -> list[dict[str, Any]]:
     path = Path(annotations_dir) / f"instances_{split}2014.json"
     files, objects = coco.load_instances(path)
     try:
@@ -116,8 +138,15 @@ def parse_answer(text: str) -> str:
     return "no" if {"No", "no", "not"} & set(first.split(" ")) else "yes"
 
 
-def answer(captioner, questions: list[dict[str, Any]], images_dir: str | Path, caption_first: bool = False,
-           batch_size: int = 8, max_new_tokens: int = 32, caption_tokens: int = 512) -> Iterator[dict[str, Any]]:
+def answer(
+    captioner,
+    questions: list[dict[str, Any]],
+    images_dir: str | Path,
+    caption_first: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    caption_tokens: int = 512,
+) -> Iterator[dict[str, Any]]:
     """Each question with the model's "answer" (raw text) and "prediction" (yes/no), in batches, as they finish.
 
     With `caption_first`, each image is described once (CAPTION_PROMPT, `caption_tokens` new tokens) and that
@@ -131,11 +160,13 @@ def answer(captioner, questions: list[dict[str, Any]], images_dir: str | Path, c
         if caption_first:
             todo = {q["image"]: image for q, image in zip(batch, images) if q["image"] not in captions}
             if todo:
-                described = captioner.caption(list(todo.values()), CAPTION_PROMPT, max_new_tokens=caption_tokens,
-                                              do_sample=False)
+                described = captioner.caption(
+                    list(todo.values()), CAPTION_PROMPT, max_new_tokens=caption_tokens, do_sample=False
+                )
                 captions.update(zip(todo, (r.text for r in described)))
-            prompts = [CAPTION_THEN_ANSWER_PROMPT.format(caption=captions[q["image"]], question=q["text"])
-                       for q in batch]
+            prompts = [
+                CAPTION_THEN_ANSWER_PROMPT.format(caption=captions[q["image"]], question=q["text"]) for q in batch
+            ]
         else:
             prompts = [ANSWER_PROMPT.format(question=q["text"]) for q in batch]
         replies = captioner.caption(images, prompts, max_new_tokens=max_new_tokens, do_sample=False)
@@ -158,16 +189,18 @@ def metrics(sums: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def score(answers: Iterable[dict[str, Any]], labels: dict[Any, str] | None = None, n_boot: int = 1000,
-          seed: int = 0) -> dict[str, Any]:
+def score(
+    answers: Iterable[dict[str, Any]], labels: dict[Any, str] | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Accuracy, precision, recall, F1 and yes-ratio; CIs by resampling images. Each answer record needs "answer"
     and a label: its own "label" or `labels[question_id]` (for published answer files that carry none)."""
     per_image: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for n, record in enumerate(answers, 1):
         label = record.get("label") if labels is None else labels.get(record.get("question_id"))
         if label not in ("yes", "no") or "answer" not in record:
-            raise ValueError(f"answer {n} (question_id {record.get('question_id')!r}) has no yes/no label "
-                             f"or no 'answer'")
+            raise ValueError(
+                f"answer {n} (question_id {record.get('question_id')!r}) has no yes/no label or no 'answer'"
+            )
         yes = parse_answer(str(record["answer"])) == "yes"
         cell = (_TP if yes else _FN) if label == "yes" else (_FP if yes else _TN)
         per_image[str(record.get("image"))][cell] += 1

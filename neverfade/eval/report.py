@@ -28,9 +28,10 @@ def table(results: dict[str, dict], columns: list[tuple[str, str, bool]]) -> str
         overall, ci = result["overall"], result.get("ci") or {}
         lines.append([label] + [format_value(overall.get(k), p) for k, _, p in columns])
         if any(k in ci for k, _, _ in columns):
-            lines.append([""] + [
-                "[" + ", ".join(format_value(x, p) for x in ci[k]) + "]" if k in ci else "" for k, _, p in columns
-            ])
+            lines.append(
+                [""]
+                + ["[" + ", ".join(format_value(x, p) for x in ci[k]) + "]" if k in ci else "" for k, _, p in columns]
+            )
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:

@@ -16,8 +16,9 @@ def evaluate(records: list[dict], items, runs, labels: list[str], n_boot: int = 
     """Scores per run (label -> overall, ci, paired difference to the baseline), over the scenes every run described."""
     from neverfade.scenes import bootstrap_ci, scene_metrics
 
-    by_run = {run.id: {r["id"]: r for r in records if r.get("run") == run.id and r.get("caption") is not None}
-              for run in runs}
+    by_run = {
+        run.id: {r["id"]: r for r in records if r.get("run") == run.id and r.get("caption") is not None} for run in runs
+    }
     common = [it for it in items if all(it.id in by_run[run.id] for run in runs)]
     scenes = [SimpleNamespace(kinds=set(it.meta["objects"])) for it in common]
     baseline = next((run for run in runs if not run.described), None)
@@ -42,7 +43,7 @@ def attention_by_position(records: list[dict]) -> dict[str, float | None]:
     """Mean share of attention on the image over the tokens at caption positions in each bucket (1-based)."""
     out = {}
     for lo, hi in POSITION_BUCKETS:
-        values = [x for r in records for x in (r.get("image_attention") or [])[lo - 1:hi]]
+        values = [x for r in records for x in (r.get("image_attention") or [])[lo - 1 : hi]]
         out[f"{lo}-{hi}"] = float(np.mean(values)) if values else None
     return out
 
@@ -50,10 +51,20 @@ def attention_by_position(records: list[dict]) -> dict[str, float | None]:
 def format_report(report: dict) -> str:
     from neverfade.eval.report import table
 
-    columns = [("precision", "precision", True), ("recall", "recall", True), ("f1", "F1", True),
-               ("chair_i", "CHAIRi", True), ("chair_s", "CHAIRs", True), ("words", "words", False)]
-    lines = [f"{report['n_scenes']} held-out scenes, model {report.get('model', '?')} (95% bootstrap intervals)",
-             table(report["runs"], columns), "", "attention on the image by caption position (token index):"]
+    columns = [
+        ("precision", "precision", True),
+        ("recall", "recall", True),
+        ("f1", "F1", True),
+        ("chair_i", "CHAIRi", True),
+        ("chair_s", "CHAIRs", True),
+        ("words", "words", False),
+    ]
+    lines = [
+        f"{report['n_scenes']} held-out scenes, model {report.get('model', '?')} (95% bootstrap intervals)",
+        table(report["runs"], columns),
+        "",
+        "attention on the image by caption position (token index):",
+    ]
     buckets = [f"{lo}-{hi}" for lo, hi in POSITION_BUCKETS]
     shares = {label: {"overall": r["attention_by_position"]} for label, r in report["runs"].items()}
     lines.append(table(shares, [(b, b, True) for b in buckets]))

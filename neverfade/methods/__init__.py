@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from neverfade.engine.contract import check_flags
 from neverfade.methods.base import METHODS, Method, Param, ParameterError, register

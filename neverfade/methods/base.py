@@ -11,8 +11,19 @@ from neverfade.engine.contract import Flags, Method, Param
 from neverfade.errors import ParameterError
 from neverfade.models.families import ModelInfo
 
-__all__ = ["METHODS", "Flags", "Method", "Param", "ParameterError", "register", "LayerRangeMethod", "start_param",
-           "end_param", "per_key", "check_layer_range"]
+__all__ = [
+    "METHODS",
+    "Flags",
+    "Method",
+    "Param",
+    "ParameterError",
+    "register",
+    "LayerRangeMethod",
+    "start_param",
+    "end_param",
+    "per_key",
+    "check_layer_range",
+]
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -29,8 +40,10 @@ def check_layer_range(method: Method, info: ModelInfo, *singles: str) -> None:
         method.end = last
     for key in ("start", "end", *singles):
         if getattr(method, key) > last:
-            raise ParameterError(f"{method.name}: {key} {getattr(method, key)} is beyond the model's depth "
-                                 f"({info.num_layers} layers: 0..{last})")
+            raise ParameterError(
+                f"{method.name}: {key} {getattr(method, key)} is beyond the model's depth "
+                f"({info.num_layers} layers: 0..{last})"
+            )
     if method.start > method.end:
         raise ParameterError(f"{method.name}: start ({method.start}) is after end ({method.end})")
 
@@ -60,8 +73,15 @@ def start_param(default: int, source: str) -> Param:
 
 
 def end_param(source: str) -> Param:
-    return Param("end", None, "last layer the method acts in (inclusive); default the last layer", source,
-                 type=int, minimum=0, optional=True)
+    return Param(
+        "end",
+        None,
+        "last layer the method acts in (inclusive); default the last layer",
+        source,
+        type=int,
+        minimum=0,
+        optional=True,
+    )
 
 
 def per_key(values: torch.Tensor, keys: int, fill: float = 1.0) -> torch.Tensor:

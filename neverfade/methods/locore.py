@@ -18,10 +18,21 @@ class LocoRE(LayerRangeMethod):
     summary = "Reinforce attention to the last few generated tokens (LocoRE)."
     on_prefill = False  # nothing has been generated at the prompt
     params = (
-        Param("beta", None, "gain: weights to recent outputs are multiplied by 1 + beta",
-              "paper per family: LLaVA-1.5 0.15, Qwen2-VL 0.20 (LLaVA-NeXT, Qwen2.5-VL: unvalidated)", minimum=0.0),
-        Param("window", 8, "how many of the most recent generated tokens are reinforced",
-              "our choice: the paper leaves w_s open; 8 tokens is about one phrase", type=int, minimum=1),
+        Param(
+            "beta",
+            None,
+            "gain: weights to recent outputs are multiplied by 1 + beta",
+            "paper per family: LLaVA-1.5 0.15, Qwen2-VL 0.20 (LLaVA-NeXT, Qwen2.5-VL: unvalidated)",
+            minimum=0.0,
+        ),
+        Param(
+            "window",
+            8,
+            "how many of the most recent generated tokens are reinforced",
+            "our choice: the paper leaves w_s open; 8 tokens is about one phrase",
+            type=int,
+            minimum=1,
+        ),
         start_param(0, "paper: every layer"),
         end_param("paper: every layer"),
     )

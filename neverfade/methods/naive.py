@@ -22,8 +22,13 @@ class Naive(LayerRangeMethod):
     name = "naive"
     summary = "Scale all image attention by a constant (no selection, no progression)."
     params = (
-        Param("alpha", 1.2, "multiplier on every image token's attention weight",
-              "our choice: the SPARC paper tunes its naive baseline without stating the value", minimum=0.0),
+        Param(
+            "alpha",
+            1.2,
+            "multiplier on every image token's attention weight",
+            "our choice: the SPARC paper tunes its naive baseline without stating the value",
+            minimum=0.0,
+        ),
         start_param(2, "our choice: PAI's layers [2, N)"),
         end_param("our choice: PAI's layers [2, N)"),
     )

@@ -78,18 +78,52 @@ class OPERA(Method):
     summary = "Beam search that penalises over-trust in summary tokens and rolls back (OPERA)."
     params = (
         Param("num_beams", 5, "beams per image", "paper", type=int, minimum=1),
-        Param("candidates", 5, "candidate tokens per beam whose attention is scored", "paper: num_attn_candidates",
-              type=int, minimum=1),
-        Param("scale", 50.0, "sigma: attention weights are multiplied by this in the column product",
-              "paper: scale_factor"),
-        Param("penalty", 1.0, "alpha: weight of the over-trust penalty on the candidates' logits",
-              "paper: penalty_weights", minimum=0.0),
-        Param("threshold", 15, "roll back once a location was every beam's summary location at more than this "
-              "many steps", "paper", type=int, minimum=2),
-        Param("window", 512, "local window: the last `window` response positions are scored", "paper: window_size",
-              type=int, minimum=1),
-        Param("early", 10, "the first `early` tokens get an image-attention bonus instead of the penalty, and "
-              "locations among them never trigger a roll-back", "authors' code: hard-coded 10", type=int, minimum=1),
+        Param(
+            "candidates",
+            5,
+            "candidate tokens per beam whose attention is scored",
+            "paper: num_attn_candidates",
+            type=int,
+            minimum=1,
+        ),
+        Param(
+            "scale",
+            50.0,
+            "sigma: attention weights are multiplied by this in the column product",
+            "paper: scale_factor",
+        ),
+        Param(
+            "penalty",
+            1.0,
+            "alpha: weight of the over-trust penalty on the candidates' logits",
+            "paper: penalty_weights",
+            minimum=0.0,
+        ),
+        Param(
+            "threshold",
+            15,
+            "roll back once a location was every beam's summary location at more than this many steps",
+            "paper",
+            type=int,
+            minimum=2,
+        ),
+        Param(
+            "window",
+            512,
+            "local window: the last `window` response positions are scored",
+            "paper: window_size",
+            type=int,
+            minimum=1,
+        ),
+        Param(
+            "early",
+            10,
+            "the first `early` tokens get an image-attention bonus instead of the penalty, and "
+            "locations among them never trigger a roll-back",
+            "authors' code: hard-coded 10",
+            type=int,
+            minimum=1,
+        ),
     )
 
     def __init__(self, **values):

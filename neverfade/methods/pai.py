@@ -19,6 +19,7 @@ import torch
 from neverfade.engine.batch import Batch, SequenceState
 from neverfade.methods.base import Flags, LayerRangeMethod, Param, end_param, per_key, register, start_param
 
+
 @dataclass
 class PAIState(SequenceState):
     boost: torch.Tensor  # (B, P) alpha on image keys, 0 elsewhere
@@ -29,15 +30,25 @@ class PAI(LayerRangeMethod):
     name = "pai"
     summary = "Boost image attention logits, z <- z + alpha |z|, optionally with image-free guidance (PAI)."
     params = (
-        Param("alpha", 0.2, "logit boost for image keys: z <- z + alpha * |z|", "paper: PAI's README",
-              minimum=0.0),
+        Param("alpha", 0.2, "logit boost for image keys: z <- z + alpha * |z|", "paper: PAI's README", minimum=0.0),
         start_param(2, "paper: PAI's code acts in layers [2, N)"),
         end_param("paper: PAI's code acts in layers [2, N)"),
-        Param("cfg", False, "also guide by an image-free branch: gamma * (cond - uncond) + uncond",
-              "paper: optional in PAI", type=bool),
+        Param(
+            "cfg",
+            False,
+            "also guide by an image-free branch: gamma * (cond - uncond) + uncond",
+            "paper: optional in PAI",
+            type=bool,
+        ),
         Param("gamma", 1.1, "guidance scale (with cfg)", "paper: PAI's default", minimum=0.0),
-        Param("cfg_cutoff", 0.1, "with cfg, keep tokens with p >= cfg_cutoff * max p under the image",
-              "paper: PAI's default", minimum=0.0, maximum=1.0),
+        Param(
+            "cfg_cutoff",
+            0.1,
+            "with cfg, keep tokens with p >= cfg_cutoff * max p under the image",
+            "paper: PAI's default",
+            minimum=0.0,
+            maximum=1.0,
+        ),
     )
 
     def bind(self, info):

@@ -37,10 +37,22 @@ class SGRS(LayerRangeMethod):
     params = (
         Param("alpha", 0.6, "accept if saliency >= alpha * recent mean", "paper", minimum=0.0),
         Param("k", 5, "candidates per step (top-k)", "our choice: the paper leaves K open", type=int, minimum=1),
-        Param("tries", 3, "candidates tried before falling back to the most salient",
-              "our choice: the paper leaves R open", type=int, minimum=1),
-        Param("window", 10, "accepted tokens whose mean saliency sets the threshold",
-              "our choice: the paper leaves W open", type=int, minimum=1),
+        Param(
+            "tries",
+            3,
+            "candidates tried before falling back to the most salient",
+            "our choice: the paper leaves R open",
+            type=int,
+            minimum=1,
+        ),
+        Param(
+            "window",
+            10,
+            "accepted tokens whose mean saliency sets the threshold",
+            "our choice: the paper leaves W open",
+            type=int,
+            minimum=1,
+        ),
         start_param(None, "our choice: 'middle-to-deep' layers, from the middle layer (depth // 2)"),
         end_param("our choice: 'middle-to-deep' layers, to the last layer"),
     )

@@ -28,16 +28,37 @@ class SPARC(Method):
     name = "sparc"
     summary = "Reinforce, step by step, the image tokens whose attention rises above its recent trend."
     params = (
-        Param("alpha", 1.1, "scale applied to a selected token's attention, compounding per selection",
-              "paper (all models)", minimum=0.0),
-        Param("beta", 0.1, "EMA factor: ema <- (1 - beta) * current + beta * ema; 0 compares with the last step only",
-              "paper (all models)", minimum=0.0, maximum=1.0),
-        Param("tau", None, "selection threshold on the relative rise (a - ema) / ema",
-              "paper per family: LLaVA-1.5 1.5, LLaVA-NeXT 4.0, Qwen2-VL 3.0 (Qwen2.5-VL: Qwen2-VL's, unvalidated)",
-              minimum=0.0),
-        Param("layer", None, "selection layer, 0-indexed",
-              "paper per family: 20 of 32 (LLaVA-1.5, LLaVA-NeXT), 18 of 28 (Qwen2-VL); other depths: same "
-              "relative depth", type=int, minimum=0),
+        Param(
+            "alpha",
+            1.1,
+            "scale applied to a selected token's attention, compounding per selection",
+            "paper (all models)",
+            minimum=0.0,
+        ),
+        Param(
+            "beta",
+            0.1,
+            "EMA factor: ema <- (1 - beta) * current + beta * ema; 0 compares with the last step only",
+            "paper (all models)",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        Param(
+            "tau",
+            None,
+            "selection threshold on the relative rise (a - ema) / ema",
+            "paper per family: LLaVA-1.5 1.5, LLaVA-NeXT 4.0, Qwen2-VL 3.0 (Qwen2.5-VL: Qwen2-VL's, unvalidated)",
+            minimum=0.0,
+        ),
+        Param(
+            "layer",
+            None,
+            "selection layer, 0-indexed",
+            "paper per family: 20 of 32 (LLaVA-1.5, LLaVA-NeXT), 18 of 28 (Qwen2-VL); other depths: same "
+            "relative depth",
+            type=int,
+            minimum=0,
+        ),
         start_param(0, "paper: all layers are calibrated"),
         end_param("paper: all layers are calibrated"),
     )
@@ -58,9 +79,11 @@ class SPARC(Method):
 
     def new_state(self, batch: Batch) -> SPARCState:
         shape, device = batch.image_mask.shape, batch.image_mask.device
-        return SPARCState(ema=torch.zeros(shape, dtype=torch.float32, device=device),
-                          weight=torch.ones(shape, dtype=torch.float32, device=device),
-                          pending=torch.zeros(shape, dtype=torch.bool, device=device))
+        return SPARCState(
+            ema=torch.zeros(shape, dtype=torch.float32, device=device),
+            weight=torch.ones(shape, dtype=torch.float32, device=device),
+            pending=torch.zeros(shape, dtype=torch.bool, device=device),
+        )
 
     def begin_step(self, batch: Batch) -> None:
         state = batch.state(self)

@@ -40,8 +40,10 @@ def parse_run(text: str, params: dict[str, dict[str, Any]] | None = None) -> tup
                 raise ParameterError(f"{text!r}: {name} {key} is given twice")
             written.add(key)
             if key in own and _checked(name, key, own[key]) != _checked(name, key, value.strip()):
-                raise ParameterError(f"{name} {key} is {value.strip()} in {text!r} but {own[key]} from "
-                                     f"--{name}-{key.replace('_', '-')}; give it once")
+                raise ParameterError(
+                    f"{name} {key} is {value.strip()} in {text!r} but {own[key]} from "
+                    f"--{name}-{key.replace('_', '-')}; give it once"
+                )
             own[key] = value.strip()
         if own:
             values[name] = own
@@ -70,8 +72,13 @@ def parse_spec(text: str, sugar: dict[str, dict[str, Any]] | None = None) -> Spe
 
 def format_spec(spec: Spec) -> str:
     """The string `parse_spec` reads back as `spec`."""
-    return "+".join(name + (":" + ",".join(f"{k}={_written(v)}" for k, v in values.items()) if values else "")
-                    for name, values in spec) or BASELINE
+    return (
+        "+".join(
+            name + (":" + ",".join(f"{k}={_written(v)}" for k, v in values.items()) if values else "")
+            for name, values in spec
+        )
+        or BASELINE
+    )
 
 
 def label(spec: Spec) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from neverfade.methods.base import Flags, Method, Param, register
 
+
 def ddpm_noise(pixels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps under VCD's schedule, t in 0..999 indexed as VCD's code does."""
     betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5
@@ -30,12 +31,26 @@ class VCD(Method):
     name = "vcd"
     summary = "Contrast the next-token logits with those for a noised image (VCD)."
     params = (
-        Param("alpha", 1.0, "contrast strength: (1 + alpha) l(x, v) - alpha l(x, v')", "paper: VCD's default",
-              minimum=0.0),
-        Param("beta", 0.1, "plausibility: keep tokens with p >= beta * max p under the clean image",
-              "paper: VCD's default", minimum=0.0, maximum=1.0),
-        Param("noise_step", 500, "DDPM forward-noising step t (0..999) of the 1000-step schedule",
-              "paper: VCD's default", type=int, minimum=0, maximum=999),
+        Param(
+            "alpha", 1.0, "contrast strength: (1 + alpha) l(x, v) - alpha l(x, v')", "paper: VCD's default", minimum=0.0
+        ),
+        Param(
+            "beta",
+            0.1,
+            "plausibility: keep tokens with p >= beta * max p under the clean image",
+            "paper: VCD's default",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        Param(
+            "noise_step",
+            500,
+            "DDPM forward-noising step t (0..999) of the 1000-step schedule",
+            "paper: VCD's default",
+            type=int,
+            minimum=0,
+            maximum=999,
+        ),
         Param("seed", 0, "seed of the noise", "our choice: reproducible runs", type=int, minimum=0),
     )
 
@@ -59,8 +74,12 @@ class VCD(Method):
     def noised(self, pixels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Each image (`sizes`: its leading entries of `pixels`) noised on its own, with the same seed, so an image
         gets the same noise in any batch."""
-        return torch.cat([ddpm_noise(part, self.noise_step, torch.Generator().manual_seed(self.seed))
-                          for part in pixels.split(sizes)])
+        return torch.cat(
+            [
+                ddpm_noise(part, self.noise_step, torch.Generator().manual_seed(self.seed))
+                for part in pixels.split(sizes)
+            ]
+        )
 
     def combine(self, logits: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
         cutoff = math.log(self.beta) + logits.max(dim=-1, keepdim=True).values if self.beta > 0 else None

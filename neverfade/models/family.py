@@ -17,6 +17,7 @@ import numpy as np
 @dataclass(frozen=True)
 class PaperSetup:
     """How the SPARC authors ran a family (`paper=True`, `--paper`): weights' dtype, prompt format, image padding."""
+
     source: str
     dtype: str | None = None  # None: the authors do not say; the usual default stays
     conversation: str | None = None  # the whole prompt, with {image} and {prompt}; None: the checkpoint's template
@@ -88,8 +89,8 @@ class Family(ABC):
         ids = input_ids.new_full((len(rows), width), model.generation_config.pad_token_id or 0)
         new_mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = r
-            new_mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = r
+            new_mask[i, width - len(r) :] = 1
         dropped = {*self.image_inputs, *IMAGE_MARKS, "position_ids"}
         other = {k: v for k, v in model_kwargs.items() if k not in dropped}
         other["attention_mask"] = new_mask
@@ -117,7 +118,6 @@ def register(cls: type[Family]) -> type[Family]:
     family = cls()  # TypeError where an abstract method is left undefined
     taken = [a for a in cls.architectures if a in FAMILIES]
     if taken:
-        raise ValueError(f"family {cls.__name__}: {', '.join(taken)} already belongs to "
-                         f"{FAMILIES[taken[0]].name}")
+        raise ValueError(f"family {cls.__name__}: {', '.join(taken)} already belongs to {FAMILIES[taken[0]].name}")
     FAMILIES.update(dict.fromkeys(cls.architectures, family))
     return cls

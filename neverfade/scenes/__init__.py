@@ -16,6 +16,17 @@ from .model import embedded_model_path
 from .vocab import find_mentions, mentioned_objects
 
 __all__ = [
-    "HELD_OUT_SEEDS", "IMAGE_SIZE", "KINDS", "PARTNERS", "TRAIN_SEED_START", "Scene", "SceneObject",
-    "bootstrap_ci", "embedded_model_path", "find_mentions", "make_scene", "mentioned_objects", "scene_metrics",
+    "HELD_OUT_SEEDS",
+    "IMAGE_SIZE",
+    "KINDS",
+    "PARTNERS",
+    "TRAIN_SEED_START",
+    "Scene",
+    "SceneObject",
+    "bootstrap_ci",
+    "embedded_model_path",
+    "find_mentions",
+    "make_scene",
+    "mentioned_objects",
+    "scene_metrics",
 ]

@@ -12,8 +12,11 @@ from .draw import DETAILS
 from .kinds import NOUNS
 
 SIZE_WORDS = {"small": ("small", "little"), "medium": ("medium-sized",), "large": ("large", "big")}
-SIZE_SENTENCES = {"small": ("It is small.", "It is rather small."), "medium": ("It is of medium size.",),
-                  "large": ("It is large.", "It is quite big.")}
+SIZE_SENTENCES = {
+    "small": ("It is small.", "It is rather small."),
+    "medium": ("It is of medium size.",),
+    "large": ("It is large.", "It is quite big."),
+}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 POSITIONS = {
     "top left": ("in the top left corner", "at the top left", "near the upper left corner"),
@@ -80,8 +83,11 @@ TEXTURE_PHRASES = {
     "gradient": "The {bg} background has a soft vertical gradient.",
 }
 CLUTTER_WORDS = {"dots": "dots", "specks": "specks", "lines": "short lines", "crosses": "little crosses"}
-CLOSINGS = ("That is everything in the image.", "Nothing else stands out in the picture.",
-            "Overall, the scene looks {mood}.")
+CLOSINGS = (
+    "That is everything in the image.",
+    "Nothing else stands out in the picture.",
+    "Overall, the scene looks {mood}.",
+)
 
 
 def article(word: str) -> str:
@@ -92,8 +98,7 @@ def write_caption(scene, rng: np.random.Generator) -> str:
     """A detailed caption of `scene`: opening, background and clutter, every object with attributes, a closing."""
     objects = _ordered(scene.objects, rng)
     n = len(objects)
-    count = _pick(rng, (f"{NUMBER_WORDS[n]} objects", "several objects",
-                        "a few objects" if n <= 4 else "many objects"))
+    count = _pick(rng, (f"{NUMBER_WORDS[n]} objects", "several objects", "a few objects" if n <= 4 else "many objects"))
     bg = f"{article(scene.background)} {scene.background}"
     sentences = [_pick(rng, OPENINGS).format(count=count, bg=bg)]
     setting = [TEXTURE_PHRASES[scene.texture].format(bg=scene.background), _clutter_sentence(scene)]
@@ -105,8 +110,9 @@ def write_caption(scene, rng: np.random.Generator) -> str:
     if not background_first:
         sentences += setting
     if rng.random() < 0.6:
-        sentences.append(_pick(rng, CLOSINGS).format(mood=_pick(rng, ("busy", "crowded") if n >= 6
-                                                                 else ("calm", "tidy", "simple"))))
+        sentences.append(
+            _pick(rng, CLOSINGS).format(mood=_pick(rng, ("busy", "crowded") if n >= 6 else ("calm", "tidy", "simple")))
+        )
     return " ".join(sentences)
 
 
@@ -143,8 +149,7 @@ def _describe(obj, earlier, rng) -> list[str]:
     detail = f" {DETAILS[obj.kind][1].format(detail=obj.detail)}" if obj.detail else ""
     pos = _pick(rng, POSITIONS[obj.position])
     template = _pick(rng, LATER_MENTIONS if earlier else FIRST_MENTIONS)
-    out = [template.format(np=np_, NP=np_[0].upper() + np_[1:], pos=pos, Pos=pos[0].upper() + pos[1:],
-                           detail=detail)]
+    out = [template.format(np=np_, NP=np_[0].upper() + np_[1:], pos=pos, Pos=pos[0].upper() + pos[1:], detail=detail)]
     if short:
         out.append(_pick(rng, SIZE_SENTENCES[obj.size]))
     if earlier and rng.random() < 0.5:

@@ -56,7 +56,7 @@ def fish(d, x, y, s, fill, detail):
     d.polygon(_pts(x, y, s, _mirror([(0.62, 0.5), (0.98, 0.2), (0.98, 0.8)], flip)), fill=fill)
     (a0, _), (a1, _) = _mirror([(0.04, 0), (0.74, 0)], flip)
     d.ellipse((x + min(a0, a1) * s, y + 0.26 * s, x + max(a0, a1) * s, y + 0.74 * s), fill=fill)
-    (ex, ey), = _mirror([(0.2, 0.45)], flip)
+    ((ex, ey),) = _mirror([(0.2, 0.45)], flip)
     r = 0.06 * s
     d.ellipse((x + ex * s - r, y + ey * s - r, x + ex * s + r, y + ey * s + r), fill=DARK)
 
@@ -65,8 +65,16 @@ def sun(d, x, y, s, fill, detail):
     cx, cy = x + s / 2, y + s / 2
     for k in range(8):
         a = k * math.pi / 4
-        d.line((cx + 0.34 * s * math.cos(a), cy + 0.34 * s * math.sin(a),
-                cx + 0.5 * s * math.cos(a), cy + 0.5 * s * math.sin(a)), fill=fill, width=max(1, round(0.08 * s)))
+        d.line(
+            (
+                cx + 0.34 * s * math.cos(a),
+                cy + 0.34 * s * math.sin(a),
+                cx + 0.5 * s * math.cos(a),
+                cy + 0.5 * s * math.sin(a),
+            ),
+            fill=fill,
+            width=max(1, round(0.08 * s)),
+        )
     d.ellipse((cx - 0.28 * s, cy - 0.28 * s, cx + 0.28 * s, cy + 0.28 * s), fill=fill)
 
 
@@ -115,8 +123,11 @@ def cat(d, x, y, s, fill, detail):
     w = max(1, round(0.03 * s))
     for sx in (-1, 1):
         for dy in (-0.05, 0.05):
-            d.line((x + (0.5 + sx * 0.12) * s, y + 0.72 * s, x + (0.5 + sx * 0.5) * s, y + (0.72 + dy) * s),
-                   fill=eye, width=w)
+            d.line(
+                (x + (0.5 + sx * 0.12) * s, y + 0.72 * s, x + (0.5 + sx * 0.5) * s, y + (0.72 + dy) * s),
+                fill=eye,
+                width=w,
+            )
 
 
 def ball(d, x, y, s, fill, detail):
@@ -230,10 +241,30 @@ def lamp(d, x, y, s, fill, detail):
 
 
 PICTOGRAMS = {
-    "house": house, "tree": tree, "car": car, "boat": boat, "fish": fish, "sun": sun, "cloud": cloud,
-    "moon": moon, "star": star, "cat": cat, "ball": ball, "cup": cup, "spoon": spoon, "umbrella": umbrella,
-    "key": key, "heart": heart, "flower": flower, "bird": bird, "kite": kite, "mushroom": mushroom,
-    "apple": apple, "bell": bell, "clock": clock, "lamp": lamp,
+    "house": house,
+    "tree": tree,
+    "car": car,
+    "boat": boat,
+    "fish": fish,
+    "sun": sun,
+    "cloud": cloud,
+    "moon": moon,
+    "star": star,
+    "cat": cat,
+    "ball": ball,
+    "cup": cup,
+    "spoon": spoon,
+    "umbrella": umbrella,
+    "key": key,
+    "heart": heart,
+    "flower": flower,
+    "bird": bird,
+    "kite": kite,
+    "mushroom": mushroom,
+    "apple": apple,
+    "bell": bell,
+    "clock": clock,
+    "lamp": lamp,
 }
 
 # Kinds whose drawing has one varying part: kind -> (choices, caption phrase with {detail}).

@@ -88,7 +88,8 @@ def choose_kinds(rng: np.random.Generator, n: int) -> list[str]:
 
     def allowed(kind: str) -> bool:
         return kind not in chosen and not any(
-            kind in EXCLUDES.get(c, ()) or c in EXCLUDES.get(kind, ()) for c in chosen)
+            kind in EXCLUDES.get(c, ()) or c in EXCLUDES.get(kind, ()) for c in chosen
+        )
 
     def add(kind: str) -> None:
         chosen.append(kind)
@@ -121,8 +122,10 @@ def _find_room(rng, size_range, taken, tries=60, margin=4):
         s = int(rng.integers(size_range[0], size_range[1] + 1))
         x, y = (int(v) for v in rng.integers(3, IMAGE_SIZE - 3 - s, size=2))
         box = (x, y, x + s, y + s)
-        if all(box[2] + margin <= t[0] or t[2] + margin <= box[0] or box[3] + margin <= t[1] or t[3] + margin <= box[1]
-               for t in taken):
+        if all(
+            box[2] + margin <= t[0] or t[2] + margin <= box[0] or box[3] + margin <= t[1] or t[3] + margin <= box[1]
+            for t in taken
+        ):
             return box
     return None
 

@@ -96,8 +96,16 @@ def make_hard_scene(seed: int) -> Scene:
         x0, y0, x1, _ = obj.bbox
         PICTOGRAMS[obj.kind](draw, x0 * _SCALE, y0 * _SCALE, (x1 - x0) * _SCALE, COLOURS[obj.colour], obj.detail)
     image = _add_noise(rng, canvas.reduce(_SCALE))
-    scene = Scene(seed, image, objects, background, texture, "dots" if clutter == "shapes" else clutter,
-                  clutter_count, meta={"world": "hard", "theme": theme})
+    scene = Scene(
+        seed,
+        image,
+        objects,
+        background,
+        texture,
+        "dots" if clutter == "shapes" else clutter,
+        clutter_count,
+        meta={"world": "hard", "theme": theme},
+    )
     scene.caption = write_hard_caption(scene, rng)
     return scene
 
@@ -108,7 +116,8 @@ def choose_kinds(rng: np.random.Generator, n: int) -> tuple[str, list[str]]:
 
     def allowed(kind: str) -> bool:
         return kind not in chosen and not any(
-            kind in EXCLUDES.get(c, ()) or c in EXCLUDES.get(kind, ()) for c in chosen)
+            kind in EXCLUDES.get(c, ()) or c in EXCLUDES.get(kind, ()) for c in chosen
+        )
 
     theme = str(rng.choice(list(THEMES)))
     members = [THEMES[theme][i] for i in rng.permutation(4)]
@@ -118,7 +127,7 @@ def choose_kinds(rng: np.random.Generator, n: int) -> tuple[str, list[str]]:
         chosen += [k for k in THEMES[second] if rng.random() < 0.5 and allowed(k) and len(chosen) < n]
     while len(chosen) < n:
         chosen.append(str(rng.choice([k for k in KINDS if allowed(k)])))
-    return theme, chosen[:max(n, 2)]
+    return theme, chosen[: max(n, 2)]
 
 
 def _place(rng, kinds):
@@ -199,8 +208,7 @@ def _describe_briefly(obj, earlier, rng) -> list[str]:
     detail = f" {DETAILS[obj.kind][1].format(detail=obj.detail)}" if obj.detail and rng.random() < 0.6 else ""
     pos = _pick(rng, POSITIONS[obj.position])
     template = _pick(rng, LATER_MENTIONS if earlier else FIRST_MENTIONS)
-    out = [template.format(np=np_, NP=np_[0].upper() + np_[1:], pos=pos, Pos=pos[0].upper() + pos[1:],
-                           detail=detail)]
+    out = [template.format(np=np_, NP=np_[0].upper() + np_[1:], pos=pos, Pos=pos[0].upper() + pos[1:], detail=detail)]
     if earlier and rng.random() < 0.25:
         other = earlier[int(rng.integers(len(earlier)))]
         out.append(_pick(rng, RELATIONS).format(rel=relation(obj, other), other=NOUNS[other.kind][0], noun=noun))

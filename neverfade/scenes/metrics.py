@@ -46,9 +46,21 @@ def scene_metrics(captions: Sequence[str], scenes: Sequence) -> dict:
 
 def _count_table(per_caption, scenes) -> np.ndarray:
     """One row per caption: mentioned, hallucinated, correct, present, has hallucination, words, 1 (the caption)."""
-    return np.array([[len(p["mentioned"]), len(p["hallucinated"]), len(p["mentioned"]) - len(p["hallucinated"]),
-                      len(s.kinds), bool(p["hallucinated"]), p["words"], 1] for p, s in zip(per_caption, scenes)],
-                    dtype=float).reshape(-1, 7)
+    return np.array(
+        [
+            [
+                len(p["mentioned"]),
+                len(p["hallucinated"]),
+                len(p["mentioned"]) - len(p["hallucinated"]),
+                len(s.kinds),
+                bool(p["hallucinated"]),
+                p["words"],
+                1,
+            ]
+            for p, s in zip(per_caption, scenes)
+        ],
+        dtype=float,
+    ).reshape(-1, 7)
 
 
 def _rates(sums: np.ndarray) -> dict[str, np.ndarray]:
@@ -58,21 +70,40 @@ def _rates(sums: np.ndarray) -> dict[str, np.ndarray]:
     precision = 1.0 - chair_i
     recall = correct / np.maximum(present, 1)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "chair_i": chair_i, "chair_s": any_hall / n,
-            "words": words / n}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "chair_i": chair_i,
+        "chair_s": any_hall / n,
+        "words": words / n,
+    }
 
 
 def _table(captions: Sequence[str], scenes: Sequence) -> np.ndarray:
     return _count_table([caption_counts(c, set(s.kinds)) for c, s in zip(captions, scenes)], scenes)
 
 
-def bootstrap_ci(captions: Sequence[str], scenes: Sequence, *, baseline: Sequence[str] | None = None,
-                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    captions: Sequence[str],
+    scenes: Sequence,
+    *,
+    baseline: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals over scenes for each metric (`neverfade.stats.bootstrap`).
 
     With `baseline` (captions of the same scenes by another method), the intervals are for the paired difference
     metric(captions) - metric(baseline), both computed on the same resampled scenes.
     """
-    ci = stats.bootstrap(_table(captions, scenes), _rates, n=n_boot, seed=seed, level=level,
-                          baseline=None if baseline is None else _table(baseline, scenes))
+    ci = stats.bootstrap(
+        _table(captions, scenes),
+        _rates,
+        n=n_boot,
+        seed=seed,
+        level=level,
+        baseline=None if baseline is None else _table(baseline, scenes),
+    )
     return {name: (low, high) for name, (low, high) in ci.items()}

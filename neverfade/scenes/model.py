@@ -32,8 +32,14 @@ CHAT_TEMPLATE = (
 )
 # Architecture (see docs/embedded.md).
 VISION = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=4)
-TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=8, max_position_embeddings=1024)
+TEXT = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=1024,
+)
 
 
 def embedded_model_path() -> Path:
@@ -48,8 +54,12 @@ def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
@@ -61,14 +71,29 @@ def build_processor(texts, vocab_size: int = VOCAB_SIZE):
 
     pad, bos, eos, image = SPECIAL_TOKENS
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(texts, vocab_size), pad_token=pad, bos_token=bos, eos_token=eos,
-        image_token=image, extra_special_tokens=[image], padding_side="left", model_max_length=1024)
+        tokenizer_object=train_tokenizer(texts, vocab_size),
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        image_token=image,
+        extra_special_tokens=[image],
+        padding_side="left",
+        model_max_length=1024,
+    )
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(PIXEL_MEAN), image_std=list(PIXEL_STD))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(PIXEL_MEAN),
+        image_std=list(PIXEL_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_model(processor, **text_overrides):
@@ -77,12 +102,29 @@ def build_model(processor, **text_overrides):
 
     tok = processor.tokenizer
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION)
-    text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **{**TEXT, **text_overrides})
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         image_seq_length=IMAGE_TOKENS, projector_hidden_act="gelu")
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **{**TEXT, **text_overrides},
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+    )
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, max_new_tokens=400, do_sample=False)
+    model.generation_config.update(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=400,
+        do_sample=False,
+    )
     return model

@@ -20,10 +20,25 @@ from .metrics import scene_metrics
 from .vocab import find_mentions
 
 # LLaVA-1.5-7B, 500 COCO val2014 images, greedy (../shared/TESTBED.md)
-TARGET = {"chair_s": 44.8, "chair_i": 12.65, "recall": 79.8, "words": 87, "distinct_objects": 3.2,
-          "by_rank": [1.0, 13.0, 35.8, 48.6, 58.5], "by_quarter": [3.7, 25.3, 47.8, 71.4], "cooccurrence": 77.6}
-TOLERANCE = {"chair_s": (35, 55), "chair_i": (9, 17), "recall": (65, 90), "words": (60, 200),
-             "distinct_objects": (3, None), "first_object": (None, 5), "cooccurrence": (60, None)}
+TARGET = {
+    "chair_s": 44.8,
+    "chair_i": 12.65,
+    "recall": 79.8,
+    "words": 87,
+    "distinct_objects": 3.2,
+    "by_rank": [1.0, 13.0, 35.8, 48.6, 58.5],
+    "by_quarter": [3.7, 25.3, 47.8, 71.4],
+    "cooccurrence": 77.6,
+}
+TOLERANCE = {
+    "chair_s": (35, 55),
+    "chair_i": (9, 17),
+    "recall": (65, 90),
+    "words": (60, 200),
+    "distinct_objects": (3, None),
+    "first_object": (None, 5),
+    "cooccurrence": (60, None),
+}
 
 
 def first_mentions(text: str) -> list[tuple[str, float]]:
@@ -64,11 +79,17 @@ def hallucination_profile(captions: Sequence[str], scenes: Sequence, partners: C
     quarter = [round(100 * h / n, 2) if n else None for h, n in by_quarter]
     return {
         "n": len(captions),
-        "chair_s": round(100 * metrics["chair_s"], 2), "chair_i": round(100 * metrics["chair_i"], 2),
-        "recall": round(100 * metrics["recall"], 2), "precision": round(100 * metrics["precision"], 2),
-        "f1": round(100 * metrics["f1"], 2), "words": round(metrics["words"], 1),
+        "chair_s": round(100 * metrics["chair_s"], 2),
+        "chair_i": round(100 * metrics["chair_i"], 2),
+        "recall": round(100 * metrics["recall"], 2),
+        "precision": round(100 * metrics["precision"], 2),
+        "f1": round(100 * metrics["f1"], 2),
+        "words": round(metrics["words"], 1),
         "distinct_objects": round(distinct / max(1, len(captions)), 2),
-        "by_rank": share, "by_rank_counts": by_rank, "by_quarter": quarter, "by_quarter_counts": by_quarter,
+        "by_rank": share,
+        "by_rank_counts": by_rank,
+        "by_quarter": quarter,
+        "by_quarter_counts": by_quarter,
         "cooccurrence": round(100 * co / n_hall, 2) if n_hall else None,
         "cooccurrence_chance": round(100 * chance / n_hall, 2) if n_hall else None,
     }
@@ -76,6 +97,7 @@ def hallucination_profile(captions: Sequence[str], scenes: Sequence, partners: C
 
 def check_profile(p: dict) -> dict[str, bool]:
     """Which of TESTBED.md's tolerances the profile meets."""
+
     def within(value, bounds):
         lo, hi = bounds
         return value is not None and (lo is None or value >= lo) and (hi is None or value <= hi)

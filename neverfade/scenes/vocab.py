@@ -18,8 +18,27 @@ from .kinds import COLOURS, NOUNS
 WORD_TO_KIND = {word: kind for kind, words in NOUNS.items() for word in words}
 NEGATIONS = frozenset({"no", "not", "without", "nor", "never"})
 # Words allowed between a negation and the noun it negates.
-MODIFIERS = frozenset({"a", "an", "any", "the", "single", "other", "one", "small", "little", "tiny", "large", "big",
-                       "medium", "sized", "dark", "light", *COLOURS})
+MODIFIERS = frozenset(
+    {
+        "a",
+        "an",
+        "any",
+        "the",
+        "single",
+        "other",
+        "one",
+        "small",
+        "little",
+        "tiny",
+        "large",
+        "big",
+        "medium",
+        "sized",
+        "dark",
+        "light",
+        *COLOURS,
+    }
+)
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -51,7 +70,7 @@ def find_mentions(text: str) -> list[Mention]:
 
 def _same_clause(text: str, left: re.Match, right: re.Match) -> bool:
     """No sentence or clause punctuation between two words."""
-    return not re.search(r"[.,;:!?]", text[left.end():right.start()])
+    return not re.search(r"[.,;:!?]", text[left.end() : right.start()])
 
 
 def mentioned_objects(text: str) -> set[str]:

@@ -16,8 +16,22 @@ from typing import Any
 from neverfade.models.families.llava import VICUNA_V1
 from neverfade.models.family import FAMILIES, Family, PaperSetup, TokenGrid, register
 
-__all__ = ["FAMILIES", "VICUNA_V1", "Family", "ModelInfo", "PaperSetup", "TokenGrid", "UnsupportedModel",
-           "check_supported", "discover", "families", "family_of", "model_info", "register", "text_attention_modules"]
+__all__ = [
+    "FAMILIES",
+    "VICUNA_V1",
+    "Family",
+    "ModelInfo",
+    "PaperSetup",
+    "TokenGrid",
+    "UnsupportedModel",
+    "check_supported",
+    "discover",
+    "families",
+    "family_of",
+    "model_info",
+    "register",
+    "text_attention_modules",
+]
 
 
 def discover() -> None:

@@ -8,8 +8,10 @@ import numpy as np
 from neverfade.models.family import Family, PaperSetup, TokenGrid, register
 
 # LLaVA's `vicuna_v1` conversation, as the SPARC authors' dataset_loader.py builds it (the tokenizer adds <s>)
-VICUNA_V1 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-             "detailed, and polite answers to the human's questions. USER: {image}\n{prompt} ASSISTANT:")
+VICUNA_V1 = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. USER: {image}\n{prompt} ASSISTANT:"
+)
 
 TEMPLATE = (  # the random models' chat template
     "{% for m in messages %}{{ m['role'].upper() }}: "
@@ -32,21 +34,35 @@ def random_llava_parts(size: str):
 
     tiny = size == "tiny"
     vision = CLIPVisionConfig(
-        hidden_size=32 if tiny else 1024, intermediate_size=64 if tiny else 4096,
-        num_hidden_layers=2 if tiny else 24, num_attention_heads=4 if tiny else 16,
-        image_size=32 if tiny else 336, patch_size=8 if tiny else 14, projection_dim=32 if tiny else 768,
+        hidden_size=32 if tiny else 1024,
+        intermediate_size=64 if tiny else 4096,
+        num_hidden_layers=2 if tiny else 24,
+        num_attention_heads=4 if tiny else 16,
+        image_size=32 if tiny else 336,
+        patch_size=8 if tiny else 14,
+        projection_dim=32 if tiny else 768,
     )
     text = LlamaConfig(
-        hidden_size=64 if tiny else 4096, intermediate_size=128 if tiny else 11008,
-        num_hidden_layers=4 if tiny else 32, num_attention_heads=4 if tiny else 32,
-        num_key_value_heads=2 if tiny else 32, vocab_size=512 if tiny else 32064,
-        max_position_embeddings=4096, initializer_range=0.2 if tiny else 0.02,
+        hidden_size=64 if tiny else 4096,
+        intermediate_size=128 if tiny else 11008,
+        num_hidden_layers=4 if tiny else 32,
+        num_attention_heads=4 if tiny else 32,
+        num_key_value_heads=2 if tiny else 32,
+        vocab_size=512 if tiny else 32064,
+        max_position_embeddings=4096,
+        initializer_range=0.2 if tiny else 0.02,
     )
     tok = tokenizer(["<pad>", "<s>", "</s>", "<image>"], 512 if tiny else 1024)
     tok.pad_token, tok.bos_token, tok.eos_token = "<pad>", "<s>", "</s>"
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    kw = dict(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-              pad_token_id=tok.pad_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    kw = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     return vision, text, tok, kw
 
 
@@ -57,8 +73,12 @@ class Llava(Family):
     random_name = "llava"
     paper_layers = 32
     method_defaults = {"sparc": {"layer": 20, "tau": 1.5}, "locore": {"beta": 0.15}}
-    paper = PaperSetup("the authors' code: LLaVA's codebase, float16, vicuna_v1, image_aspect_ratio pad", "float16",
-                       VICUNA_V1, pad_to_square=True)
+    paper = PaperSetup(
+        "the authors' code: LLaVA's codebase, float16, vicuna_v1, image_aspect_ratio pad",
+        "float16",
+        VICUNA_V1,
+        pad_to_square=True,
+    )
     image_inputs = ("pixel_values", "image_sizes")
     step_constant = ("image_sizes",)  # image metadata some releases keep passing after the prefill, unused there
 
@@ -89,7 +109,12 @@ class Llava(Family):
         vision, _, tok, kw = random_llava_parts(size)
         px = vision.image_size
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=TEMPLATE,
-                                   patch_size=vision.patch_size, vision_feature_select_strategy="default",
-                                   num_additional_image_tokens=1)
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            chat_template=TEMPLATE,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
         return LlavaConfig(**kw), processor

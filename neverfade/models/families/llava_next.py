@@ -34,8 +34,9 @@ class LlavaNext(Family):
             return None
         rows, cols = grid
         index = n * n + (np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]).ravel()
-        return TokenGrid(rows, cols, index, f"LLaVA-NeXT high-resolution grid {rows}x{cols} (base {n}x{n} "
-                                            "and row newlines left out)")
+        return TokenGrid(
+            rows, cols, index, f"LLaVA-NeXT high-resolution grid {rows}x{cols} (base {n}x{n} and row newlines left out)"
+        )
 
     def random_parts(self, size):
         from transformers import LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
@@ -44,10 +45,16 @@ class LlavaNext(Family):
         px = vision.image_size
         pinpoints = [[px, px], [px, 2 * px], [2 * px, px]]
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": px}, crop_size={"height": px, "width": px}, image_grid_pinpoints=pinpoints)
-        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, chat_template=TEMPLATE,
-                                       patch_size=vision.patch_size, vision_feature_select_strategy="default",
-                                       num_additional_image_tokens=1)
+            size={"shortest_edge": px}, crop_size={"height": px, "width": px}, image_grid_pinpoints=pinpoints
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            chat_template=TEMPLATE,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
         return LlavaNextConfig(image_grid_pinpoints=pinpoints, **kw), processor
 
 

@@ -14,8 +14,15 @@ TEMPLATE = (  # the random models' chat template
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
-            "<|video_pad|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+]
 
 
 @register
@@ -52,33 +59,61 @@ class Qwen2VL(Family):
         tok = tokenizer(SPECIALS, 512 if tiny else 1024)
         tok.pad_token = tok.eos_token = "<|endoftext|>"
         tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
-        ids = {name: tok.convert_tokens_to_ids(tok_) for name, tok_ in
-               [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+        ids = {
+            name: tok.convert_tokens_to_ids(tok_)
+            for name, tok_ in [
+                ("image_token_id", "<|image_pad|>"),
+                ("video_token_id", "<|video_pad|>"),
+                ("vision_start_token_id", "<|vision_start|>"),
+                ("vision_end_token_id", "<|vision_end|>"),
+            ]
+        }
         head_dim = 16 if tiny else 128
         text = dict(
-            hidden_size=64 if tiny else 3584, intermediate_size=128 if tiny else 18944,
-            num_hidden_layers=4 if tiny else 28, num_attention_heads=4 if tiny else 28,
-            num_key_value_heads=2 if tiny else 4, vocab_size=512 if tiny else 152064,
-            max_position_embeddings=4096 if tiny else 32768, initializer_range=0.2 if tiny else 0.02,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": [head_dim // 8, int(head_dim // 8 * 1.5), int(head_dim // 8 * 1.5)]},
-            bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            hidden_size=64 if tiny else 3584,
+            intermediate_size=128 if tiny else 18944,
+            num_hidden_layers=4 if tiny else 28,
+            num_attention_heads=4 if tiny else 28,
+            num_key_value_heads=2 if tiny else 4,
+            vocab_size=512 if tiny else 152064,
+            max_position_embeddings=4096 if tiny else 32768,
+            initializer_range=0.2 if tiny else 0.02,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [head_dim // 8, int(head_dim // 8 * 1.5), int(head_dim // 8 * 1.5)],
+            },
+            bos_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
-        vision = dict(depth=2 if tiny else 32, embed_dim=32 if tiny else 1280, hidden_size=32 if tiny else 1280,
-                      num_heads=4 if tiny else 16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                      out_hidden_size=text["hidden_size"], in_chans=3)
+        vision = dict(
+            depth=2 if tiny else 32,
+            embed_dim=32 if tiny else 1280,
+            hidden_size=32 if tiny else 1280,
+            num_heads=4 if tiny else 16,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=text["hidden_size"],
+            in_chans=3,
+        )
         config = self.random_config(tiny, text, vision, pad_token_id=tok.pad_token_id, **ids)
         pixels = 56 * 56
         image_processor = transformers.Qwen2VLImageProcessorPil(
-            min_pixels=pixels if tiny else 256 * 28 * 28, max_pixels=4 * pixels if tiny else 1280 * 28 * 28,
-            patch_size=14, merge_size=2, temporal_patch_size=2)
+            min_pixels=pixels if tiny else 256 * 28 * 28,
+            max_pixels=4 * pixels if tiny else 1280 * 28 * 28,
+            patch_size=14,
+            merge_size=2,
+            temporal_patch_size=2,
+        )
         stand_in = image_only(self.processor_class)  # where torchvision is missing, no video processor can be built
         if stand_in is not None:
             return config, stand_in(image_processor=image_processor, tokenizer=tok, chat_template=TEMPLATE)
         video = transformers.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
         return config, getattr(transformers, self.processor_class)(
-            image_processor=image_processor, tokenizer=tok, video_processor=video, chat_template=TEMPLATE)
+            image_processor=image_processor, tokenizer=tok, video_processor=video, chat_template=TEMPLATE
+        )
 
     def random_config(self, tiny: bool, text: dict, vision: dict, **kw):
         from transformers import Qwen2VLConfig
@@ -100,6 +135,9 @@ class Qwen2_5_VL(Qwen2VL):
     def random_config(self, tiny, text, vision, **kw):
         from transformers import Qwen2_5_VLConfig
 
-        vision.update(intermediate_size=64 if tiny else 3420, fullatt_block_indexes=[1] if tiny else [7, 15, 23, 31],
-                      window_size=112)
+        vision.update(
+            intermediate_size=64 if tiny else 3420,
+            fullatt_block_indexes=[1] if tiny else [7, 15, 23, 31],
+            window_size=112,
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **kw)
