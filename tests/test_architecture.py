@@ -97,3 +97,10 @@ def test_help_imports_neither_torch_nor_transformers(argv):
     )
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff_is_clean(command):
+    """Lint and format as pyproject.toml configures them (ruff pinned in the test extra)."""
+    done = subprocess.run([sys.executable, "-m", "ruff", *command, str(ROOT.parent)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
