@@ -14,6 +14,7 @@ import neverfade
 from neverfade import decoding
 from neverfade.cli import main
 from neverfade.decoding.captured import CaptureFailed, StaticLoop
+from neverfade.models.random import FAMILIES
 from tests.conftest import make_images
 
 STEPS = 20
@@ -31,7 +32,7 @@ def _generate(c, decode, inputs, **kwargs):
         return c.generate(**inputs, return_dict_in_generate=True, output_scores=True, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("methods,params", SETTINGS, ids=["baseline", "sparc", "sparc+locore", "naive+pai"])
 def test_static_loop_equals_generate(tiny_models, family, methods, params):
     c = neverfade.load(tiny_models[family], device="cpu", methods=methods, method_params=params)
