@@ -39,7 +39,8 @@ def test_qwen25_is_marked_unvalidated_and_listed(capsys):
     assert main(["methods", "--json"]) == 0
     sparc = {m["name"]: m for m in json.loads(capsys.readouterr().out)}["sparc"]
     params = {p["name"]: p for p in sparc["params"]}
-    assert params["tau"]["per_family"] == {"llava-1.5": 1.5, "llava-next": 4.0, "qwen2-vl": 3.0, "qwen2.5-vl": 3.0}
+    paper = {"llava-1.5": 1.5, "llava-next": 4.0, "qwen2-vl": 3.0, "qwen2.5-vl": 3.0}
+    assert params["tau"]["per_family"].items() >= paper.items()  # newer families come after these
     assert params["alpha"]["default"] == 1.1 and params["beta"]["default"] == 0.1
     assert "unvalidated" in params["tau"]["source"]
 
