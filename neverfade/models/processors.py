@@ -1,12 +1,13 @@
 """Loading a family's processor, including on machines without torchvision.
 
-transformers 5 builds Qwen2-VL/Qwen2.5-VL processors with a video processor, and a video processor needs torchvision.
+transformers 5 builds the Qwen-VL and LLaVA-OneVision processors with a video processor, and a video processor
+needs torchvision.
 Captioning never needs one, so where torchvision is absent we load the same processor with images and text only.
 """
 
 from __future__ import annotations
 
-from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import AutoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.utils import is_torchvision_available
 
 
@@ -24,7 +25,36 @@ class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-IMAGE_ONLY = {"Qwen2VLProcessor": Qwen2VLImageProcessor, "Qwen2_5_VLProcessor": Qwen2_5_VLImageProcessor}
+class LlavaOnevisionImageProcessor(LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without its video processor (the keywords it saves are named, so they load back)."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens,
+            vision_feature_select_strategy,
+            chat_template,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
+
+
+IMAGE_ONLY = {
+    "Qwen2VLProcessor": Qwen2VLImageProcessor,
+    "Qwen2_5_VLProcessor": Qwen2_5_VLImageProcessor,
+    "LlavaOnevisionProcessor": LlavaOnevisionImageProcessor,
+}
 
 
 def image_only(cls_name: str):
