@@ -35,6 +35,14 @@ STEP_ADVANCING = ("position_ids", "cache_position")  # +1 per step
 STEP_CONSTANT = ("token_type_ids", "mm_token_type_ids", "logits_to_keep", "use_cache", "return_dict")  # the same
 
 
+def smolvlm_image_processor():
+    """SmolVLM's PIL image processor class, from its own module: in 5.17 the top-level name and the auto classes
+    ask for torchvision, which it does not need."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    return SmolVLMImageProcessorPil
+
+
 class UnsupportedTransformers(CannotAct):
     """Something neverfade relies on does not behave as in the supported transformers releases."""
 

@@ -22,6 +22,7 @@ PAPER = {  # SPARC's selection layer and tau per family (METHODS.md), and the de
     "llava_next": (20, 4.0, 32),
     "qwen2_vl": (18, 3.0, 28),
     "qwen2_5_vl": (18, 3.0, 28),
+    "smolvlm": (19, 4.0, 30),  # LLaVA's 20 of 32 and LLaVA-NeXT's tau, unvalidated; SmolVLM-256M's 30 layers
     "llava_onevision": (18, 4.0, 28),  # LLaVA-NeXT's, unvalidated: 20 of 32 layers is 18 of Qwen2-7B's 28
 }
 ROW_METHODS = ["sparc", "locore", "naive", "pai"]  # the methods acting through the attention row

@@ -69,6 +69,9 @@ class VCD(Method):
         other = {k: v for k, v in model_kwargs.items() if k != "mm_encoder_outputs"}
         other.update({k: source[k] for k in self.family.image_inputs if source.get(k) is not None})
         other["pixel_values"] = self.noised(source["pixel_values"], self.family.pixel_split(source))
+        padding = self.family.pixel_padding(source)
+        if padding is not None:
+            other["pixel_values"] = torch.where(padding, source["pixel_values"], other["pixel_values"])
         return input_ids, other
 
     def noised(self, pixels: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -73,6 +73,11 @@ class Family(ABC):
         """How many leading entries of `inputs["pixel_values"]` belong to each image (VCD noises each on its own)."""
         return [1] * inputs["pixel_values"].shape[0]
 
+    def pixel_padding(self, inputs):
+        """None, or a mask broadcast over `inputs["pixel_values"]`, True where the entries pad the batch (the model
+        skips them as padding only while they stay as they are, so VCD does not noise them)."""
+        return None
+
     def image_free_inputs(self, model, input_ids, model_kwargs, image_token_id: int):
         """(input_ids, model_kwargs) of the same prompts without their image tokens and image inputs, left padded
         (PAI's image-free branch). Other tokens around the image (a family's image markers) stay."""

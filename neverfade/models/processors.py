@@ -57,8 +57,14 @@ IMAGE_ONLY = {
 }
 
 
+REPLACED: dict[str, type] = {}  # processor classes whose stand-in is loaded everywhere (a family module adds its own)
+
+
 def image_only(cls_name: str):
-    """The image-only stand-in for a processor class that needs torchvision here, else None."""
+    """The stand-in for a processor class: always for one in REPLACED, and where torchvision is missing for one
+    that needs it (IMAGE_ONLY); else None."""
+    if cls_name in REPLACED:
+        return REPLACED[cls_name]
     return None if is_torchvision_available() else IMAGE_ONLY.get(cls_name)
 
 
