@@ -28,12 +28,16 @@ def catalogue() -> list[dict]:
                 for f in FAMILIES.values()
                 if p.name in f.method_defaults.get(method.name, {})
             }
+            unvalidated = sorted(
+                {f.name for f in FAMILIES.values() if f.name in per_family and method.name in f.unvalidated}
+            )
             params.append(
                 {
                     "name": p.name,
                     "type": p.type.__name__,
                     "default": p.default,
                     "per_family": per_family or None,
+                    "unvalidated": unvalidated,  # families whose default here is extrapolated: `neverfade tune`
                     "source": p.source,
                     "help": p.help,
                 }
@@ -53,6 +57,8 @@ def run(args) -> int:
             default = (
                 p["default"] if p["per_family"] is None else ", ".join(f"{k} {v}" for k, v in p["per_family"].items())
             )
+            if p["unvalidated"]:
+                default += f" (unvalidated: {', '.join(p['unvalidated'])}; calibrate with `neverfade tune`)"
             print(f"  --{m['name']}-{p['name'].replace('_', '-')} ({p['type']}) default {default}")
             print(f"      {p['help']}; source: {p['source']}")
     return 0

@@ -7,7 +7,7 @@ Captioning never needs one, so where torchvision is absent we load the same proc
 
 from __future__ import annotations
 
-from transformers import AutoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import AutoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
 
@@ -20,6 +20,13 @@ class Qwen2VLImageProcessor(Qwen2VLProcessor):
 
 class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
     """Qwen2_5_VLProcessor without its video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen3VLImageProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor without its video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
@@ -53,6 +60,7 @@ class LlavaOnevisionImageProcessor(LlavaOnevisionProcessor):
 IMAGE_ONLY = {
     "Qwen2VLProcessor": Qwen2VLImageProcessor,
     "Qwen2_5_VLProcessor": Qwen2_5_VLImageProcessor,
+    "Qwen3VLProcessor": Qwen3VLImageProcessor,
     "LlavaOnevisionProcessor": LlavaOnevisionImageProcessor,
 }
 
