@@ -24,6 +24,7 @@ PAPER = {  # SPARC's selection layer and tau per family (METHODS.md), and the de
     "qwen2_5_vl": (18, 3.0, 28),
     "smolvlm": (19, 4.0, 30),  # LLaVA's 20 of 32 and LLaVA-NeXT's tau, unvalidated; SmolVLM-256M's 30 layers
     "llava_onevision": (18, 4.0, 28),  # LLaVA-NeXT's, unvalidated: 20 of 32 layers is 18 of Qwen2-7B's 28
+    "internvl": (18, 4.0, 28),  # LLaVA-NeXT's, unvalidated: 20 of 32 layers is 18 of InternVL3-8B's 28
     "qwen3_vl": (23, 3.0, 36),  # Qwen2-VL's, unvalidated: 18 of 28 layers is 23 of Qwen3-VL-8B's 36
 }
 ROW_METHODS = ["sparc", "locore", "naive", "pai"]  # the methods acting through the attention row
