@@ -20,8 +20,10 @@ from PIL import Image
 
 from neverfade import decoding
 from neverfade.data.images import load_image
+from neverfade.decoding.captured import per_layer_masks_refusal
 from neverfade.engine.contract import Method
 from neverfade.engine.engine import Engine
+from neverfade.errors import CannotAct
 from neverfade.methods import build_methods
 from neverfade.models.families import FAMILIES, model_info
 from neverfade.models.processors import load_processor
@@ -234,6 +236,11 @@ class Captioner:
         if self.engine is not None and self.engine.strategy:
             return "strategy"
         if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
+            return "eager"
+        family = model_info(self.model).family
+        if family.per_layer_masks:  # the static loop's one mask cannot serve sliding-window and global layers
+            if self.decode in ("static", "captured"):
+                raise CannotAct(per_layer_masks_refusal(family))
             return "eager"
         if self.decode == "static":
             return "static"

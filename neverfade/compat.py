@@ -80,6 +80,18 @@ def cache_of(kwargs: dict):
     return None
 
 
+def keep_every_key(cache) -> None:
+    """Make the sliding-window layers of a fresh dynamic cache keep every key, as the global layers do, so a key's
+    index is its position in every layer (the methods' per-key edits and observations are by position). Their masks
+    are unchanged: transformers still masks the keys outside the window (Gemma 3's sliding-window layers)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None) or []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, DynamicSlidingWindowLayer) and not layer.is_initialized:
+            layers[i] = DynamicLayer()
+
+
 def without_cache(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in _CACHE_NAMES}
 

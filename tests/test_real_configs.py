@@ -26,6 +26,7 @@ PAPER = {  # SPARC's selection layer and tau per family (METHODS.md), and the de
     "llava_onevision": (18, 4.0, 28),  # LLaVA-NeXT's, unvalidated: 20 of 32 layers is 18 of Qwen2-7B's 28
     "internvl": (18, 4.0, 28),  # LLaVA-NeXT's, unvalidated: 20 of 32 layers is 18 of InternVL3-8B's 28
     "qwen3_vl": (23, 3.0, 36),  # Qwen2-VL's, unvalidated: 18 of 28 layers is 23 of Qwen3-VL-8B's 36
+    "gemma3": (21, 1.5, 34),  # LLaVA-1.5's, unvalidated: 20 of 32 layers is 21 of Gemma 3 4B's 34
 }
 ROW_METHODS = ["sparc", "locore", "naive", "pai"]  # the methods acting through the attention row
 

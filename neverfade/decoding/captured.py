@@ -25,6 +25,13 @@ class CaptureFailed(CannotAct):
     """The decode step could not be captured in a CUDA graph: an error, not a quiet slow path."""
 
 
+def per_layer_masks_refusal(family) -> str:
+    return (
+        f"{family.name} has sliding-window and global layers, and the static decode loop keeps one attention mask for "
+        "every layer: decode with decode='eager' (--decode eager)"
+    )
+
+
 class StaticLoop(DecodingLoop):
     def __init__(self, capture: bool | None = None, check_every: int = 16, **loop):
         """`capture`: replay the steps from a CUDA graph (default: on CUDA)."""
@@ -46,6 +53,8 @@ class StaticLoop(DecodingLoop):
                 f"the captured decode path needs generate's static KV cache, and got {type(cache).__name__}"
             )
         family = family_of(type(self.model).__name__)  # besides transformers' own, the family's image metadata
+        if family.per_layer_masks:
+            raise CannotAct(per_layer_masks_refusal(family))
         self.advancing = (*compat.STEP_ADVANCING, *family.step_advancing)
         constant = (*compat.STEP_CONSTANT, *family.step_constant)
         static = compat.with_cache({}, cache)

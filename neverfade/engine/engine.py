@@ -104,6 +104,7 @@ class Engine:
         self._step_cache = {}
         known = self._batches.get(cache, self.batch) if cache is not None else None
         if known is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
+            compat.keep_every_key(cache)
             self.batch = Batch(image_mask=input_ids == self.info.image_token_id)
             if cache is not None:
                 self._batches[cache] = self.batch

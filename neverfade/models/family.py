@@ -57,6 +57,9 @@ class Family(ABC):
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)  # processor outputs the image is encoded from
     step_constant: ClassVar[tuple[str, ...]] = ()  # per-step inputs of a decode step kept as they are (image metadata)
     step_advancing: ClassVar[tuple[str, ...]] = ()  # per-step inputs of a decode step that grow by 1 each step
+    # layers of different kinds (sliding-window and global) need different masks: the static decode loop, which keeps
+    # one mask for every layer, is refused (generate's own loop gives each layer its own)
+    per_layer_masks: ClassVar[bool] = False
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("architectures", "name", "random_name", "paper_layers")
 
@@ -68,6 +71,11 @@ class Family(ABC):
     @abstractmethod
     def random_parts(self, size: str) -> tuple[Any, Any]:
         """(config, processor) of a random-weight model: size "tiny" (tests, seconds on a CPU) or "7b" (bench)."""
+
+    def random_weights(self, model) -> None:
+        """Set weights that the model's own initialisation leaves without effect (a random model must see the image);
+        called right after the random model is built, under its seed. Default: none."""
+        return None
 
     def pixel_split(self, inputs) -> list[int]:
         """How many leading entries of `inputs["pixel_values"]` belong to each image (VCD noises each on its own)."""

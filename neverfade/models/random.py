@@ -23,6 +23,11 @@ def _by_name() -> dict:
 FAMILIES = tuple(_by_name())  # the names `random:<name>` takes, one per family
 
 
+def random_family(name: str):
+    """The family `random:<name>` builds."""
+    return _by_name()[name]
+
+
 def tokenizer(specials: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer with `specials`, left padding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,6 +59,7 @@ def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.flo
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    known[family].random_weights(model)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model, processor
