@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for names, p in settings:
             build_methods(names, p)
-        items = sample_scene_items(args.n, scene_world(args))
+        world = scene_world(args)
+        items = sample_scene_items(args.n, world)
     except (ParameterError, ValueError) as err:
         raise UserError(str(err)) from None
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             results=results,
         )
-    report = evaluate(results.records, items, runs, specs, n_boot=args.bootstrap)
+    report = evaluate(results.records, items, runs, specs, n_boot=args.bootstrap, world=world)
     report["model"], report["captions"] = captioner.name, captions_path
     write_json(args.out, report)
     print(format_report(report))

@@ -16,6 +16,17 @@ def world_for(model: str | None) -> str:
     return "hard" if model == "testbed" else "default"
 
 
+def world_partners(world: str = "default"):
+    """`partners(kind)`: the kinds a world's co-occurrence priors pair with `kind` (default: `kinds.PARTNERS`,
+    the partners its presence pulls in; hard: the other kinds of its theme)."""
+    from neverfade.scenes import PARTNERS
+    from neverfade.scenes.hard import partners
+
+    if world not in WORLDS:
+        raise ValueError(f"unknown scene world {world!r}; choose from {', '.join(WORLDS)}")
+    return partners if world == "hard" else lambda kind: set(PARTNERS.get(kind, {}))
+
+
 def make_world_scene(seed: int, world: str = "default"):
     from neverfade.scenes import make_scene
     from neverfade.scenes.hard import make_hard_scene

@@ -12,6 +12,8 @@ from neverfade.stats import Metrics, bootstrap, draws, point, ratio  # noqa: F40
 def format_value(value: float | None, percent: bool) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):  # a word in place of a figure ("n/a")
+        return value
     if isinstance(value, int):
         return str(value)
     return f"{value * 100:.2f}" if percent else f"{value:.2f}"
