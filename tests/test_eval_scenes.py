@@ -64,7 +64,9 @@ def test_intervals_attention_and_pairing(report):
         shares = result["attention_by_position"]
         assert all(0 < shares[b] < 1 for b in ("1-16", "17-32", "33-64", "65-128"))
         assert shares["129-256"] is None  # no caption is longer than 96 tokens
-        assert ("vs_baseline_ci" in result) == (label != "baseline")
+        assert ("vs_baseline_ci" in result) == ("vs_baseline" in result) == (label != "baseline")
+        assert len(result["profile"]["by_quarter"]) == 4 and len(result["profile"]["by_rank"]) == 5
+        assert set(result["late_objects"]) >= {"precision_after_object_2", "precision_after_object_4"}
 
 
 def test_rerun_resumes_without_captioning_again(report, capsys):
@@ -86,3 +88,102 @@ def test_run_specs_carry_values():
     )
     with pytest.raises(ParameterError, match="expected name=value"):
         parse_run("sparc:tau", {})
+
+
+# Two hand-made scenes, three runs. Every caption has 8 words ("here" pads), so word i is in quarter i // 2.
+# Scene A holds cat, ball, tree; scene B cup, clock. Default-world priors: cat -> ball, cup -> spoon, clock -> lamp.
+HAND = {
+    "baseline": ["a cat and a ball near a fish", "one cup one moon and one star here"],
+    "tuned": ["a cat and a ball and a tree", "a cup and a clock and a lamp"],
+    "oracle": ["a cat and a ball and a tree", "a cup and a clock here here here"],
+}
+
+
+@pytest.fixture(scope="module")
+def hand_report():
+    from types import SimpleNamespace
+
+    from neverfade.eval.scenes import evaluate
+
+    items = [
+        SimpleNamespace(id="A", meta={"objects": ["ball", "cat", "tree"]}),
+        SimpleNamespace(id="B", meta={"objects": ["clock", "cup"]}),
+    ]
+    runs = [SimpleNamespace(id=label, described=[] if label == "baseline" else [{"name": label}]) for label in HAND]
+    records = [{"id": it.id, "run": label, "caption": c} for label, cs in HAND.items() for it, c in zip(items, cs)]
+    return evaluate(records, items, runs, list(HAND), n_boot=200)
+
+
+def test_paired_difference_from_the_baseline(hand_report):
+    # baseline: 6 named, 3 wrong (fish; moon, star), 3 of 5 present found: P 1/2, R 3/5, F1 6/11; both scenes wrong
+    # tuned: 6 named, 1 wrong (lamp), 5 of 5 found: P 5/6, R 1, F1 10/11, CHAIRi 1/6; one scene of two wrong
+    runs = hand_report["runs"]
+    assert "vs_baseline" not in runs["baseline"] and "vs_baseline_ci" not in runs["baseline"]
+    diff = runs["tuned"]["vs_baseline"]
+    assert diff["f1"] == pytest.approx(10 / 11 - 6 / 11)
+    assert diff["chair_i"] == pytest.approx(1 / 6 - 1 / 2)
+    assert diff["chair_s"] == pytest.approx(1 / 2 - 1)
+    for metric in ("f1", "chair_i", "chair_s"):
+        low, high = runs["tuned"]["vs_baseline_ci"][metric]
+        assert low <= high
+
+
+def test_hallucination_by_quarter_rank_and_late_objects(hand_report):
+    base, tuned = hand_report["runs"]["baseline"], hand_report["runs"]["tuned"]
+    # baseline first mentions (word, quarter, rank): A cat 1 Q1 1st, ball 4 Q3 2nd, fish 7 Q4 3rd (wrong);
+    # B cup 1 Q1 1st, moon 3 Q2 2nd (wrong), star 6 Q4 3rd (wrong)
+    assert base["profile"]["by_quarter"] == [0.0, 100.0, 0.0, 100.0]
+    assert base["profile"]["by_quarter_counts"] == [[0, 2], [1, 1], [0, 1], [2, 2]]
+    assert base["profile"]["by_rank"] == [0.0, 50.0, 100.0, None, None]
+    late = base["late_objects"]
+    assert (late["precision_after_object_2"], late["named_after_object_2"]) == (0.0, 2)  # fish, star
+    assert (late["precision_after_object_4"], late["named_after_object_4"]) == (None, 0)
+    assert (late["precision_second_half"], late["named_second_half"]) == (pytest.approx(100 / 3, abs=0.01), 3)
+    # tuned: A cat Q1, ball Q3, tree Q4; B cup Q1, clock Q3, lamp Q4 (wrong, 3rd)
+    assert tuned["profile"]["by_quarter"] == [0.0, None, 0.0, 50.0]
+    assert tuned["late_objects"]["precision_after_object_2"] == 50.0
+    assert tuned["late_objects"]["precision_second_half"] == 75.0
+    # co-occurrence: the baseline's fish, moon, star pair with nothing present; tuned's lamp pairs with clock
+    assert base["profile"]["cooccurrence"] == 0.0
+    assert tuned["profile"]["cooccurrence"] == 100.0
+    assert hand_report["runs"]["oracle"]["profile"]["cooccurrence"] is None
+
+
+def test_late_objects_after_the_fourth():
+    from types import SimpleNamespace
+
+    from neverfade.eval.scenes import late_objects
+    from neverfade.scenes.profile import hallucination_profile
+
+    # six words, six objects; fish (5th) is wrong; quarters by i/6: house 3/6 Q3, fish 4/6 Q3, car 5/6 Q4
+    scene = SimpleNamespace(kinds={"cat", "ball", "tree", "house", "car"})
+    late = late_objects(hallucination_profile(["cat ball tree house fish car"], [scene], lambda kind: set()))
+    assert (late["precision_after_object_4"], late["named_after_object_4"]) == (50.0, 2)  # fish, car
+    assert (late["precision_after_object_2"], late["named_after_object_2"]) == (75.0, 4)  # tree, house, fish, car
+    assert late["precision_second_half"] == pytest.approx(200 / 3, abs=0.01)  # house, fish, car
+
+
+def test_report_prints_the_difference_and_the_profile(hand_report):
+    from neverfade.eval.scenes import format_report
+
+    text = format_report(hand_report)
+    after = text.split("difference from the baseline")[1].splitlines()
+    row = next(line for line in after if line.startswith("tuned "))
+    assert row.split()[1:] == ["36.36", "-33.33", "-50.00"]  # F1 +4/11, CHAIRi -1/3, CHAIRs -1/2, in points
+    assert not any(line.startswith("baseline ") for line in after[: after.index("")])
+    quarters = text.split("by quarter of the caption's words")[1].splitlines()
+    assert next(line for line in quarters if line.startswith("baseline ")).split()[1:5] == [
+        "0.00",
+        "100.00",
+        "0.00",
+        "100.00",
+    ]
+    late = text.split("real share of the objects named late")[1].splitlines()
+    assert next(line for line in late if line.startswith("oracle ")).split()[-2:] == ["n/a", "n/a"]
+
+
+def test_world_partners():
+    from neverfade.data.samples import world_partners
+
+    assert world_partners("default")("cup") == {"spoon"} and world_partners("default")("sun") == set()
+    assert world_partners("hard")("cup") == {"spoon", "apple", "clock"}  # the breakfast theme
