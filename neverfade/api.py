@@ -252,14 +252,7 @@ class Captioner:
         """`model.generate` with the attached methods' decoding loop, or the captured decode path."""
         path = self.decode_path()
         if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":
-            reason = "has its own decoding loop" if path == "strategy" else "keeps per-step state on the host"
-            flags = self.engine.flags
-            names = [
-                m.name
-                for m in self.engine.hooks
-                if (flags[m].strategy if path == "strategy" else not flags[m].capturable)
-            ]
-            _log_once(f"neverfade: {'+'.join(names)} {reason}; decode steps run eagerly (not captured)")
+            _log_once(f"neverfade: {self._not_captured_reason(path)}; decode steps run eagerly (not captured)")
         if path in ("strategy", "captured", "static") and inputs_and_kwargs.get("streamer") is not None:
             inputs_and_kwargs["neverfade_streamer"] = inputs_and_kwargs.pop("streamer")
         if path == "strategy":
@@ -278,6 +271,15 @@ class Captioner:
             prompt = inputs_and_kwargs.get("input_ids")
             self.engine.check_decoded(sequences.shape[1] - (prompt.shape[1] if prompt is not None else 0))
         return out
+
+    def _not_captured_reason(self, path: str) -> str:
+        flags = self.engine.flags if self.engine is not None else {}
+        if path == "strategy":
+            return f"{'+'.join(m.name for m in self.engine.hooks if flags[m].strategy)} has its own decoding loop"
+        host = [m.name for m in (self.engine.hooks if self.engine is not None else ()) if not flags[m].capturable]
+        if host:
+            return f"{'+'.join(host)} keeps per-step state on the host"
+        return f"{model_info(self.model).family.name} has sliding-window and global layers (one mask per layer kind)"
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
         """Generated tokens up to and including the first end-of-sequence token."""

@@ -65,6 +65,8 @@ def test_the_window_matters_and_static_decoding_is_refused(gemma):
         with pytest.raises(CannotAct, match="one attention mask for every layer"):
             gemma.decode_path()
     gemma.decode = "auto"
+    # what a CUDA run logs when it decodes eagerly: the layer kinds, with or without methods attached
+    assert "sliding-window and global layers" in gemma._not_captured_reason("eager")
 
 
 def test_sliding_layers_keep_every_key_under_neverfade(gemma):
