@@ -23,6 +23,20 @@ from neverfade.scenes.hard import make_hard_scene, partners
 from neverfade.scenes.profile import TARGET, TOLERANCE, check_profile, hallucination_profile
 
 
+def cooccurrence_ci(captions, scenes, n_boot: int = 500, seed: int = 0) -> list[float]:
+    """95% bootstrap interval over captions of the share of hallucinations the priors pair with a present object."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(captions), len(captions))
+        share = hallucination_profile([captions[i] for i in pick], [scenes[i] for i in pick], partners)["cooccurrence"]
+        if share is not None:
+            values.append(share)
+    return [round(float(v), 2) for v in np.percentile(values, [2.5, 97.5])]
+
+
 def describe(n: int, max_new_tokens: int, batch_size: int) -> list[dict]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -123,6 +137,7 @@ def main(argv=None):
     profile = hallucination_profile(captions, scenes, partners)
     checks = check_profile(profile)
     ci = {k: [round(100 * v if k != "words" else v, 2) for v in b] for k, b in bootstrap_ci(captions, scenes).items()}
+    ci["cooccurrence"] = cooccurrence_ci(captions, scenes)
     counter = Counter(k for c, s in zip(captions, scenes) for k in mentioned_objects(c) - s.kinds)
     log = json.loads(args.log.read_text()) if args.log else None
     report = {
