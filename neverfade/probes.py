@@ -119,4 +119,4 @@ class SparcSelections(LayerProbe):
 
     def observe(self, layer, probs, batch):
         if layer == self.layer:
-            batch.state(self).rows.append(batch.state(self.sparc).pending.clone())
+            batch.state(self).rows.append(self.sparc.selected(batch))

@@ -134,10 +134,12 @@ def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
     assert rows["sparc"]["path"] == "static" and rows["stock generate"]["path"] == "eager"
     c = neverfade.load(tiny_models["llava"], device="cpu")
     ids = c.inputs(make_images()[:1] * 2)["input_ids"]  # the bench's images share one size
-    image_tokens = int((ids == c.model.config.image_token_id).sum())
-    # SPARC keeps an EMA (float32), a weight (float32) and a pending selection (bool) per prompt position
+    image = ids == c.model.config.image_token_id
+    positions = image.any(0).nonzero().flatten()
+    span = int(positions[-1] - positions[0] + 1)  # the first to the last image token
+    # SPARC keeps an EMA (float32) and a selection count (int16) per position of the image span, in each sequence
     assert rows["sparc"]["state_floats_per_image_token"]["sparc"] == pytest.approx(
-        9 / 4 * ids.numel() / image_tokens, abs=1e-3
+        (4 + 2) / 4 * span * ids.shape[0] / int(image.sum()), abs=1e-3
     )
     assert [(k["setting"], k["reference"], k["same"]) for k in report["checks"]] == [
         ("baseline", "eager", True),

@@ -158,3 +158,28 @@ def test_attach_passes_keyword_parameters_and_refuses_unknown_ones(tiny_models):
         neverfade.attach(c.model, c.processor, "sparc", tua=2.0)
     with pytest.raises(ValueError, match="exactly one method"):
         neverfade.attach(c.model, c.processor, "sparc", "locore", tau=2.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_is_one_float32_and_one_int16_per_image_token(tiny_models, family):
+    """SPARC's state, measured from its tensors after a padded batch: an EMA (float32) and a selection count (int16)
+    per sequence and per position from the batch's first to its last image token, and nothing else; the bench
+    reports the same size, in 4-byte floats per image token per sequence."""
+    from neverfade.commands.bench import state_floats_per_image_token
+
+    c = neverfade.load(tiny_models[family], device="cpu", methods=["sparc"], method_params={"sparc": SPARC})
+    for images, prompts in [(make_images()[1:2], ["Describe it."]), (make_images(), ["Describe it.", "Hi", "What?"])]:
+        inputs = inputs_for(c, images, prompts)
+        c.model.generate(**inputs, **GREEDY)
+        state = c.engine.batch.state(c.methods[0])
+        tensors = [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        image = inputs["input_ids"] == c.engine.info.image_token_id
+        positions = image.any(0).nonzero().flatten()
+        span = int(positions[-1] - positions[0] + 1)
+        assert state_bytes == (4 + 2) * span * len(prompts)
+        per_token = state_bytes / int(image.sum())  # bytes per image token per sequence
+        if span * len(prompts) == int(image.sum()):  # one prompt, its image tokens in one run: exactly 6 bytes
+            assert per_token == 6
+        assert state_floats_per_image_token(c) == {"sparc": round(per_token / 4, 3)}
+        assert (state.weight > 1).any()

@@ -249,7 +249,8 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
 
 
 def state_floats_per_image_token(captioner) -> dict[str, float]:
-    """Each method's per-batch state, in 4-byte floats per image token per sequence (beyond the KV cache)."""
+    """Each method's per-batch state, in 4-byte floats per image token per sequence (beyond the KV cache): the bytes
+    of its tensors (a state's other fields are constants of the batch, such as an offset) over the image tokens."""
     import torch
 
     engine = captioner.engine

@@ -16,14 +16,18 @@ from neverfade.errors import ParameterError
 
 @dataclass
 class SequenceState:
-    """Base of a method's state whose every field is a (B, ...) tensor, one row per sequence: a decoding loop that
-    moves sequences (beam search) reorders it with them."""
+    """Base of a method's state whose every tensor field is (B, ...), one row per sequence: a decoding loop that
+    moves sequences (beam search) reorders it with them. A field that is not a tensor is a constant of the batch (a
+    parameter, an offset into the prompt) and is kept as it is."""
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
 
     def select(self, index: torch.Tensor) -> SequenceState:
-        return replace(self, **{f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)})
+        return replace(self, **{name: t.index_select(0, index) for name, t in self._tensors().items()})
 
     def clone(self) -> SequenceState:
-        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
+        return replace(self, **{name: t.clone() for name, t in self._tensors().items()})
 
 
 @dataclass(eq=False)  # identity: a Batch is one running batch
