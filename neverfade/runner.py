@@ -97,41 +97,41 @@ def caption_items(
         position=rank,
         disable=None,
     )
-    for k, batch in mine:
-        images: dict[str, Any] = {}
-        seen: dict[str, list[dict]] = {}
-        for run_index, run in enumerate(runs):
-            pending = [it for it in batch if (it.id, run.id) not in done]
-            if not pending:
-                continue
-            records = {}
-            for item in pending:
-                if item.id not in images:
-                    images[item.id] = usable_image(captioner, item.image)
-                if isinstance(images[item.id], ImageError):
-                    records[item.id] = record(item, captioner.name, run, error=str(images[item.id]))
-            ok = [it for it in pending if it.id not in records]
-            if captioner.methods != run.methods:
-                captioner.use(run.methods)
-            torch.manual_seed(batch_seed(seed, k, run_index))
-            captions = caption_fitting(
-                captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok], generate
-            )
-            for item, caption in zip(ok, captions):
-                records[item.id] = (
-                    record(item, captioner.name, run, error=caption)
-                    if isinstance(caption, str)
-                    else record(item, captioner.name, run, caption=caption)
+    wanted = [[it for it in b if any((it.id, run.id) not in done for run in runs)] for _, b in mine]
+    with ImageLoader(captioner, wanted) as loader:  # the next batch's images load while this one is described
+        for k, batch in mine:
+            images = loader.next_batch()
+            seen: dict[str, list[dict]] = {}
+            for run_index, run in enumerate(runs):
+                pending = [it for it in batch if (it.id, run.id) not in done]
+                if not pending:
+                    continue
+                records = {}
+                for item in pending:
+                    if isinstance(images[item.id], ImageError):
+                        records[item.id] = record(item, captioner.name, run, error=str(images[item.id]))
+                ok = [it for it in pending if it.id not in records]
+                if captioner.methods != run.methods:
+                    captioner.use(run.methods)
+                torch.manual_seed(batch_seed(seed, k, run_index))
+                captions = caption_fitting(
+                    captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok], generate
                 )
-            ordered = [records[it.id] for it in pending]
-            failed.update(rec["id"] for rec in ordered if rec["error"] is not None)
-            if results is not None:
-                results.append(ordered)
-            for rec in ordered:
-                seen.setdefault(rec["id"], []).append(rec)
-            bar.update(len(ordered))
-        if on_batch is not None and seen:
-            on_batch([it for it in batch if it.id in seen], seen)
+                for item, caption in zip(ok, captions):
+                    records[item.id] = (
+                        record(item, captioner.name, run, error=caption)
+                        if isinstance(caption, str)
+                        else record(item, captioner.name, run, caption=caption)
+                    )
+                ordered = [records[it.id] for it in pending]
+                failed.update(rec["id"] for rec in ordered if rec["error"] is not None)
+                if results is not None:
+                    results.append(ordered)
+                for rec in ordered:
+                    seen.setdefault(rec["id"], []).append(rec)
+                bar.update(len(ordered))
+            if on_batch is not None and seen:
+                on_batch([it for it in batch if it.id in seen], seen)
     bar.close()
     return failed
 
@@ -167,6 +167,36 @@ def errors_left(records: list[dict[str, Any]], items: list[Item], runs: list[Run
         for it in items
         for run in runs
     )
+
+
+class ImageLoader:
+    """Loads and checks (`usable_image`) the images of each batch in turn on worker threads, one batch ahead of the
+    batch being described. `next_batch()` returns {item id: image or ImageError} for the next list in `batches`."""
+
+    def __init__(self, captioner, batches: list[list[Item]], workers: int = 4):
+        self.captioner, self.batches, self.workers = captioner, iter(batches), workers
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="neverfade-images")
+        self.ahead = self._submit()
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> dict | None:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        return {it.id: self.pool.submit(usable_image, self.captioner, it.image) for it in batch}
+
+    def next_batch(self) -> dict[str, Any]:
+        current, self.ahead = self.ahead, self._submit()
+        if current is None:
+            raise StopIteration("no batch left")
+        return {item_id: future.result() for item_id, future in current.items()}
 
 
 def usable_image(captioner, path: str):
