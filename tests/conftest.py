@@ -5,6 +5,10 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# without CUDA, Triton can only interpret (tests/test_decode_attention.py); it reads this when it is imported, which
+# transformers does: set it first. Nothing where Triton is not installed
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from neverfade.models.random import FAMILIES, build_random  # noqa: E402
 
