@@ -20,10 +20,8 @@ from PIL import Image
 
 from neverfade import decoding
 from neverfade.data.images import load_image
-from neverfade.decoding.captured import per_layer_masks_refusal
 from neverfade.engine.contract import Method
 from neverfade.engine.engine import Engine
-from neverfade.errors import CannotAct
 from neverfade.methods import build_methods
 from neverfade.models.families import FAMILIES, model_info
 from neverfade.models.processors import load_processor
@@ -237,11 +235,6 @@ class Captioner:
             return "strategy"
         if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
             return "eager"
-        family = model_info(self.model).family
-        if family.per_layer_masks:  # the static loop's one mask cannot serve sliding-window and global layers
-            if self.decode in ("static", "captured"):
-                raise CannotAct(per_layer_masks_refusal(family))
-            return "eager"
         if self.decode == "static":
             return "static"
         if self.model.device.type == "cuda":
@@ -273,13 +266,12 @@ class Captioner:
         return out
 
     def _not_captured_reason(self, path: str) -> str:
-        flags = self.engine.flags if self.engine is not None else {}
+        """Why a CUDA run decodes eagerly: a method's own loop, or a method's per-step state on the host."""
+        flags = self.engine.flags
         if path == "strategy":
             return f"{'+'.join(m.name for m in self.engine.hooks if flags[m].strategy)} has its own decoding loop"
-        host = [m.name for m in (self.engine.hooks if self.engine is not None else ()) if not flags[m].capturable]
-        if host:
-            return f"{'+'.join(host)} keeps per-step state on the host"
-        return f"{model_info(self.model).family.name} has sliding-window and global layers (one mask per layer kind)"
+        host = [m.name for m in self.engine.hooks if not flags[m].capturable]
+        return f"{'+'.join(host)} keeps per-step state on the host"
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
         """Generated tokens up to and including the first end-of-sequence token."""

@@ -81,15 +81,19 @@ def cache_of(kwargs: dict):
 
 
 def keep_every_key(cache) -> None:
-    """Make the sliding-window layers of a fresh dynamic cache keep every key, as the global layers do, so a key's
-    index is its position in every layer (the methods' per-key edits and observations are by position). Their masks
-    are unchanged: transformers still masks the keys outside the window (Gemma 3's sliding-window layers)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    """Make the sliding-window layers of a fresh cache keep every key, as the global layers do, so a key's index is
+    its position in every layer (the methods' per-key edits and observations are by position). Their masks are
+    unchanged: transformers still masks the keys outside the window (Gemma 3's sliding-window layers). A static
+    cache's sliding layers get the length of its global layers (none global: they stay as they are)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
     layers = getattr(cache, "layers", None) or []
+    full = [layer.max_cache_len for layer in layers if type(layer) is StaticLayer]
     for i, layer in enumerate(layers):
         if isinstance(layer, DynamicSlidingWindowLayer) and not layer.is_initialized:
             layers[i] = DynamicLayer()
+        elif isinstance(layer, StaticSlidingWindowLayer) and not layer.is_initialized and full:
+            layers[i] = StaticLayer(max_cache_len=max(full))
 
 
 def without_cache(kwargs: dict) -> dict:

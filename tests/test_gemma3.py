@@ -1,5 +1,5 @@
 """Gemma 3: the token grid against the model's own pooling, sliding-window layers under neverfade (every key kept,
-the window still masked), the static decode loop refused, VCD and PAI batched against each image alone (PAI's
+the window still masked, in generate's loop and in the static loop), VCD and PAI batched against each image alone (PAI's
 image-free prompt without token_type_ids), and the processor neverfade loads."""
 
 import json
@@ -10,7 +10,7 @@ import torch
 from conftest import make_images
 
 import neverfade
-from neverfade.errors import CannotAct
+from neverfade.decoding.captured import StaticLoop
 from neverfade.models.families import FAMILIES, ModelInfo
 from neverfade.models.processors import load_processor
 
@@ -53,20 +53,52 @@ def test_the_grid_is_the_models_pooling_row_major(gemma):
     assert np.allclose(pooled[0], centre[:, None]) and np.allclose(pooled[1], centre[None, :])
 
 
-def test_the_window_matters_and_static_decoding_is_refused(gemma):
+CAPTURABLE = {
+    "baseline": {},
+    "sparc": {"sparc": {"tau": 0.05, "alpha": 1.5}},
+    "naive": {"naive": {"alpha": 2.0}},
+    "locore": {"locore": {"beta": 2.0, "window": 3}},
+    "pai": {"pai": {"alpha": 0.5}},
+    "sparc+locore": {"sparc": {"tau": 0.05, "alpha": 1.5}, "locore": {"beta": 2.0, "window": 3}},
+}
+
+
+@pytest.mark.parametrize("run", CAPTURABLE)
+def test_the_static_loop_masks_each_layer_kind_as_generate_does(gemma, run, monkeypatch):
+    """A mask per layer kind: the sliding layers' hides the keys that left the window (8, shorter than the prompts),
+    though under neverfade their cache keeps every key. The static loop gives generate's own loop's tokens, and
+    other tokens where its sliding mask ignores the window (the full mask in its place)."""
     text = gemma.model.config.text_config
-    assert "sliding_attention" in text.layer_types and "full_attention" in text.layer_types
-    inputs = gemma.inputs(make_images()[:1])
-    assert text.sliding_window < inputs["input_ids"].shape[1]  # the window cuts the prompt
-    gemma.decode = "auto"
+    assert {"sliding_attention", "full_attention"} == set(text.layer_types)
+    inputs = gemma.inputs(make_images(), ["Describe it.", "Hi", "What is in this picture?"])
+    assert not inputs["attention_mask"].all(), "a padded batch"
+    assert text.sliding_window < inputs["attention_mask"].sum(1).min()  # the window cuts every prompt
+    gemma.use(list(CAPTURABLE[run]), CAPTURABLE[run])
+    forced = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    tokens = {}
+    try:
+        for decode in ("eager", "static", "windowless"):
+            if decode == "windowless":
+                monkeypatch.setattr(StaticLoop, "_slide", lambda loop: loop.sliding.copy_(loop.full))
+            gemma.decode = "eager" if decode == "eager" else "static"
+            with torch.no_grad():
+                tokens[decode] = gemma.generate(**inputs, **forced)[:, -12:]
+            if decode != "eager":
+                assert isinstance(gemma.model._neverfade_last_loop, StaticLoop)
+    finally:
+        gemma.decode = "auto"
+        gemma.use([])
+    assert torch.equal(tokens["eager"], tokens["static"])
+    assert not torch.equal(tokens["static"], tokens["windowless"]), "the sliding mask must matter here"
+
+
+def test_auto_decodes_on_the_static_loop(gemma):
+    """On a CPU: static where asked (captured asks for a CUDA graph, which needs CUDA); on CUDA auto captures."""
     assert gemma.decode_path() == "eager"
     for path in ("static", "captured"):
         gemma.decode = path
-        with pytest.raises(CannotAct, match="one attention mask for every layer"):
-            gemma.decode_path()
+        assert gemma.decode_path() == "static"
     gemma.decode = "auto"
-    # what a CUDA run logs when it decodes eagerly: the layer kinds, with or without methods attached
-    assert "sliding-window and global layers" in gemma._not_captured_reason("eager")
 
 
 def test_sliding_layers_keep_every_key_under_neverfade(gemma):

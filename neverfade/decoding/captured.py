@@ -7,6 +7,11 @@ the graph itself advances (positions +1, the new key unmasked), so the host only
 waits for the GPU, except every `check_every` steps to see whether every sequence has finished. Methods run inside
 the graph: their per-step state must be tensors updated in place, never Python values (`Flags.capturable`).
 
+Models whose layers are of different kinds (Gemma 3's sliding-window and global layers: the text config's
+`layer_types`) get one mask per kind, as a dict, which transformers' models take in place of the one mask. Every
+layer of the static cache keeps every key (`compat.keep_every_key`), so the masks all span the same keys; a sliding
+layer's mask also hides the keys that fell out of its window, and each step moves that window by one, in place.
+
 Without CUDA (or with `capture=False`) the same loop runs the step eagerly: that is the reference the captured
 replay is checked against.
 """
@@ -25,11 +30,7 @@ class CaptureFailed(CannotAct):
     """The decode step could not be captured in a CUDA graph: an error, not a quiet slow path."""
 
 
-def per_layer_masks_refusal(family) -> str:
-    return (
-        f"{family.name} has sliding-window and global layers, and the static decode loop keeps one attention mask for "
-        "every layer: decode with decode='eager' (--decode eager)"
-    )
+LAYER_KINDS = ("full_attention", "sliding_attention")  # the layer types the loop builds masks for
 
 
 class StaticLoop(DecodingLoop):
@@ -40,6 +41,7 @@ class StaticLoop(DecodingLoop):
         self.check_every = check_every
         self.graph = self.static = None
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
+        self.full = self.sliding = None  # the masks' buffers: (B, 1, 1, keys), True where a key may be attended
 
     # ---- the step's fixed buffers ----
     def _buffers(self, input_ids, kwargs):
@@ -53,8 +55,6 @@ class StaticLoop(DecodingLoop):
                 f"the captured decode path needs generate's static KV cache, and got {type(cache).__name__}"
             )
         family = family_of(type(self.model).__name__)  # besides transformers' own, the family's image metadata
-        if family.per_layer_masks:
-            raise CannotAct(per_layer_masks_refusal(family))
         self.advancing = (*compat.STEP_ADVANCING, *family.step_advancing)
         constant = (*compat.STEP_CONSTANT, *family.step_constant)
         static = compat.with_cache({}, cache)
@@ -68,15 +68,45 @@ class StaticLoop(DecodingLoop):
                     )
                 value = value.clone()
             static[name] = value
-        keys = cache.layers[0].max_cache_len
+        lengths = {getattr(layer, "max_cache_len", None) for layer in cache.layers}
+        if len(lengths) != 1 or None in lengths:
+            raise CannotAct(
+                f"the static decode loop needs every layer of the KV cache to keep every key, and its layers hold "
+                f"{', '.join(map(str, sorted(lengths, key=str)))} keys: decode with decode='eager' (--decode eager)"
+            )
+        keys = lengths.pop()
         mask = kwargs.get("attention_mask")
         prompt = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         key_ok = torch.nn.functional.pad(prompt, (0, keys - prompt.shape[1]), value=True)
         self.query = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)  # cache index of the fed token
         self.key_index = torch.arange(keys, device=input_ids.device)
-        static["attention_mask"] = (key_ok & (self.key_index <= self.query))[:, None, None, :].contiguous()
+        self.full = (key_ok & (self.key_index <= self.query))[:, None, None, :].contiguous()
+        static["attention_mask"] = self._masks()
         static["return_dict"] = True
         return static
+
+    def _masks(self):
+        """The step's mask: the one buffer, or where the layers are of different kinds, a dict from each kind to
+        its buffer (the sliding one: the keys within the window of the newest query)."""
+        text = self.model.config.get_text_config()
+        kinds = set(getattr(text, "layer_types", None) or ("full_attention",))
+        unknown = sorted(kinds - set(LAYER_KINDS))
+        window = getattr(text, "sliding_window", None)
+        if unknown or ("sliding_attention" in kinds and not window):
+            what = f"layers of kind {', '.join(unknown)}" if unknown else "sliding-window layers without a window"
+            raise CannotAct(
+                f"the static decode loop has no mask for {what}: decode with decode='eager' (--decode eager)"
+            )
+        if kinds == {"full_attention"}:
+            return self.full
+        self.window, self.sliding = window, torch.empty_like(self.full)
+        self._slide()
+        return {"full_attention": self.full, "sliding_attention": self.sliding}
+
+    def _slide(self):
+        """The sliding mask from the full one: the keys within `window` of the newest query (as transformers'
+        `sliding_window_overlay`: key > query - window)."""
+        torch.logical_and(self.full, self.key_index > self.query - self.window, out=self.sliding)
 
     def _step(self):
         out = self.model(**self.static)
@@ -85,7 +115,9 @@ class StaticLoop(DecodingLoop):
             if isinstance(self.static.get(name), torch.Tensor):
                 self.static[name].add_(1)
         self.query.add_(1)
-        self.static["attention_mask"].logical_or_(self.key_index == self.query)
+        self.full.logical_or_(self.key_index == self.query)
+        if self.sliding is not None:
+            self._slide()
 
     def _next_logits(self, input_ids, tokens, step: int) -> torch.Tensor:
         """Logits of decode step `step` (1-based), whose input is the newest `tokens`."""
@@ -126,6 +158,7 @@ class StaticLoop(DecodingLoop):
     def start(self, input_ids, model_kwargs):
         if self.capture is None:
             self.capture = input_ids.device.type == "cuda"
+        compat.keep_every_key(compat.cache_of(model_kwargs))  # before the prefill fills it, with or without methods
         super().start(input_ids, model_kwargs)
 
     def step_logits(self, input_ids, step):
@@ -139,4 +172,4 @@ class StaticLoop(DecodingLoop):
         return self._next_logits(input_ids, input_ids[:, -1], step)
 
     def finish(self):
-        self.graph = self.static = None  # frees the graph's memory pool, and the buffers' hold on the cache
+        self.graph = self.static = self.full = self.sliding = None  # frees the graph's pool and the buffers

@@ -57,9 +57,6 @@ class Family(ABC):
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)  # processor outputs the image is encoded from
     step_constant: ClassVar[tuple[str, ...]] = ()  # per-step inputs of a decode step kept as they are (image metadata)
     step_advancing: ClassVar[tuple[str, ...]] = ()  # per-step inputs of a decode step that grow by 1 each step
-    # layers of different kinds (sliding-window and global) need different masks: the static decode loop, which keeps
-    # one mask for every layer, is refused (generate's own loop gives each layer its own)
-    per_layer_masks: ClassVar[bool] = False
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("architectures", "name", "random_name", "paper_layers")
 

@@ -1,9 +1,9 @@
 """Gemma 3: a SigLIP tower whose patches are average-pooled to `mm_tokens_per_image` tokens (256, a 16 x 16 grid,
 row-major), and a language model whose layers alternate sliding-window and global attention. In the prompt the
 image is `<start_of_image>`, its tokens, `<end_of_image>`; `token_type_ids` marks the image tokens (they attend to
-each other both ways during the prefill), so it goes with the image in PAI's image-free branch. Each layer gets its
-own mask through generate (sliding or full); the static decode loop keeps one mask for every layer, so Gemma 3
-refuses it (`per_layer_masks`)."""
+each other both ways during the prefill), so it goes with the image in PAI's image-free branch. Each kind of layer
+gets its own mask (sliding or full), in generate's own loop as in the static decode loop (which builds one per
+`layer_types` entry); under neverfade the sliding layers keep every key, their masks still windowed."""
 
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ class Gemma3(Family):
     method_defaults = {"sparc": {"layer": 21, "tau": 1.5}, "locore": {"beta": 0.15}}
     unvalidated = frozenset({"sparc", "locore"})
     image_inputs = ("pixel_values", "token_type_ids")
-    per_layer_masks = True  # sliding-window and global layers: the static loop's one mask cannot serve both
 
     def token_grid(self, config, inputs, count):
         """The pooled tokens, row-major: side x side with side = sqrt(mm_tokens_per_image) (16 x 16)."""
