@@ -129,6 +129,12 @@ def test_a_family_is_one_module_in_the_families_package(tmp_path, monkeypatch, c
     assert main(["methods", "--json"]) == 0
     sparc = {m["name"]: m for m in json.loads(capsys.readouterr().out)}["sparc"]
     assert {p["name"]: p for p in sparc["params"]}["tau"]["per_family"]["fake-vl"] == 2.5
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # --model's help, unwrapped
+    listed = shown.split("tiny random-weight model of ")[1].split(";")[0]
+    assert listed.replace(" or ", ", ").split(", ") == [f.random_name for f in families()]
+    assert listed.endswith(" or fake_vl")
 
 
 def test_register_refuses_an_incomplete_or_taken_family(registry_restored):

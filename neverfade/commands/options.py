@@ -25,13 +25,17 @@ def scene_world(args) -> str:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    # the registry imports transformers: only a subcommand's parser asks for it, never `neverfade --help`
+    from neverfade.models.families import families
+
+    names = [f.random_name for f in families()]
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         default=None,
         help="a local model folder or hub id (default: the embedded model; testbed: LLaVA on SmolLM2-135M, "
         "needs the testbed extra, see docs/testbed.md; random:<family> builds a "
-        "tiny random-weight model of llava, llava_next, qwen2_vl or qwen2_5_vl; "
+        f"tiny random-weight model of {', '.join(names[:-1])} or {names[-1]}; "
         "random:<family>:7b one of the real size, built in memory)",
     )
     group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
