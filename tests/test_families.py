@@ -1,16 +1,23 @@
-"""Per-family defaults against the paper's values (typed in from the paper, not produced by the code), and the
-family adapters: every family keeps the contract, and a family is found from its one module."""
+"""Per-family defaults against the paper's values (typed in from the paper, not produced by the code), the family
+adapters (every family keeps the contract, a family is found from its one module), and every method, alone and
+composed, on every family: a left-padded batch of mixed-size images captions each image as it does alone. What one
+family does its own way (Gemma 3's token types, SmolVLM's padding crops, InternVL's tiles, Qwen3-VL's deepstack
+features) is tested in that family's file; the plain references and the static loop run for every family in
+test_sparc.py, test_captured.py and test_methods.py."""
 
 import json
 import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import make_images
 
+import neverfade
 from neverfade.cli import main
 from neverfade.models import families as family_package
 from neverfade.models.families import FAMILIES, ModelInfo, check_supported, families
 from neverfade.models.family import Family, register
+from neverfade.models.random import FAMILIES as RANDOM_NAMES
 
 PAPER = {  # SPARC paper, section 5.1
     "LlavaForConditionalGeneration": (20, 1.5, 32),
@@ -47,7 +54,6 @@ def test_qwen25_is_marked_unvalidated_and_listed(capsys):
 
 def test_every_family_keeps_the_adapter_contract():
     import transformers
-    from conftest import make_images
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from neverfade.methods import METHODS
@@ -160,3 +166,55 @@ def test_register_refuses_an_incomplete_or_taken_family(registry_restored):
     assert {"NoGridModel", "UnnamedModel"}.isdisjoint(FAMILIES) and FAMILIES[
         "LlavaForConditionalGeneration"
     ].name == "llava-1.5"
+
+
+SMALL = {
+    "sparc": {"tau": 0.05, "alpha": 1.5},
+    "locore": {"beta": 2.0, "window": 3},
+    "naive": {"alpha": 2.0},
+    "pai": {"alpha": 0.5},
+    "vcd": {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3},
+    "sgrs": {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3},
+    "opera": {"num_beams": 3, "candidates": 4, "early": 2, "scale": 100.0, "threshold": 2},
+}
+GUIDED_PAI = {"alpha": 1.0, "start": 1, "end": 3, "cfg": True, "gamma": 2.0, "cfg_cutoff": 0.05}  # its own loop
+RUNS = {
+    **{m: {m: SMALL[m]} for m in SMALL},
+    "pai-guidance": {"pai": GUIDED_PAI},
+    "sparc+locore+vcd": {m: SMALL[m] for m in ("sparc", "locore", "vcd")},
+    "naive+pai+sgrs": {m: SMALL[m] for m in ("naive", "pai", "sgrs")},
+}
+PROMPTS = ["Describe it.", "Hi", "What is in this picture?"]  # prompts of different lengths: the batch is padded
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    """family -> (its captioner, the baseline's captions of the batch), each made once."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            c = neverfade.load(tiny_models[family], device="cpu")
+            assert not c.inputs(make_images(), PROMPTS)["attention_mask"].all(), "the batch must be padded"
+            cache[family] = c, [r.text for r in c.caption(make_images(), PROMPTS, max_new_tokens=TOKENS)]
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("family", RANDOM_NAMES)
+def test_every_method_batched_equals_each_image_alone(loaded, family, run):
+    """Each method's per-sequence state, its own loop (VCD's and guided PAI's contrast, SGRS's rejection, OPERA's
+    beams) and the family's per-image inputs (tiles, crops, token types, image sizes) follow each image in a batch."""
+    c, baseline = loaded(family)
+    images = make_images()
+    c.use(list(RUNS[run]), RUNS[run])
+    try:
+        together = [r.text for r in c.caption(images, PROMPTS, max_new_tokens=TOKENS)]
+        alone = [c.caption([im], p, max_new_tokens=TOKENS)[0].text for im, p in zip(images, PROMPTS)]
+    finally:
+        c.use([])
+    assert together == alone
+    assert together != baseline, "the methods must act here"

@@ -1,6 +1,7 @@
 """Gemma 3: the token grid against the model's own pooling, sliding-window layers under neverfade (every key kept,
-the window still masked, in generate's loop and in the static loop), VCD and PAI batched against each image alone (PAI's
-image-free prompt without token_type_ids), and the processor neverfade loads."""
+the window still masked, in generate's loop and in the static loop), VCD's noised branch keeping token_type_ids and
+PAI's image-free prompt without them, and the processor neverfade loads (every method batched against each image
+alone, OPERA's beams following token_type_ids included, runs for every family in test_families.py)."""
 
 import json
 
@@ -119,22 +120,17 @@ def test_saved_as_the_real_processor_and_loaded_as_neverfades(tiny_models):
     assert type(processor).__name__ == "Gemma3ImageOnly" and processor.tokenizer.padding_side == "left"
 
 
-def test_vcd_keeps_token_type_ids_and_a_batch_equals_each_image_alone(gemma):
+def test_vcd_keeps_token_type_ids(gemma):
     inputs = gemma.inputs(make_images(), ["Describe it.", "Hi", "What is in this picture?"])
     assert torch.equal(inputs["token_type_ids"].bool(), inputs["input_ids"] == gemma.model.config.image_token_id)
     gemma.use(["vcd"], {"vcd": {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3}})
     _, other = gemma.engine.methods[0].contrast_inputs(gemma.model, inputs["input_ids"], dict(inputs), {})
     assert torch.equal(other["token_type_ids"], inputs["token_type_ids"])
     assert not torch.equal(other["pixel_values"], inputs["pixel_values"])
-    images = make_images()
-    together = [r.text for r in gemma.caption(images, max_new_tokens=10)]
-    alone = [gemma.caption([im], max_new_tokens=10)[0].text for im in images]
     gemma.use([])
-    assert together == alone
-    assert together != [r.text for r in gemma.caption(images, max_new_tokens=10)], "VCD must change the output"
 
 
-def test_pai_image_free_prompt_drops_token_type_ids_and_a_batch_equals_each_image_alone(gemma):
+def test_pai_image_free_prompt_drops_token_type_ids(gemma):
     tok, config = gemma.processor.tokenizer, gemma.model.config
     inputs = gemma.inputs(make_images()[:2], ["Describe it.", "Hi"])
     kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
@@ -142,35 +138,3 @@ def test_pai_image_free_prompt_drops_token_type_ids_and_a_batch_equals_each_imag
     assert not (ids == config.image_token_id).any() and not {"pixel_values", "token_type_ids"} & set(other)
     text = tok.decode(ids[0][other["attention_mask"][0].bool()])
     assert "<start_of_image><end_of_image>" in text
-    gemma.use(["pai"], {"pai": {"alpha": 1.0, "start": 1, "end": 3, "cfg": True, "gamma": 2.0, "cfg_cutoff": 0.05}})
-    images = make_images()
-    together = [r.text for r in gemma.caption(images, max_new_tokens=10)]
-    alone = [gemma.caption([im], max_new_tokens=10)[0].text for im in images]
-    gemma.use([])
-    assert together == alone
-
-
-SMALL = {
-    "sparc": {"tau": 0.05, "alpha": 1.5},
-    "locore": {"beta": 2.0, "window": 3},
-    "naive": {"alpha": 2.0},
-    "pai": {"alpha": 0.5},
-    "vcd": {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3},
-    "sgrs": {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3},
-    "opera": {"num_beams": 3, "candidates": 4, "early": 2, "scale": 100.0, "threshold": 2},
-}
-RUNS = [[m] for m in SMALL] + [["sparc", "locore", "vcd"], ["naive", "pai", "sgrs"]]
-
-
-@pytest.mark.parametrize("methods", RUNS, ids="+".join)
-def test_every_method_batched_equals_each_image_alone(gemma, methods):
-    """Sliding-window layers included: OPERA's own loop follows token_type_ids with the sequence."""
-    images = make_images()
-    gemma.use([])
-    baseline = [r.text for r in gemma.caption(images, max_new_tokens=8)]
-    gemma.use(methods, {m: SMALL[m] for m in methods})
-    together = [r.text for r in gemma.caption(images, max_new_tokens=8)]
-    alone = [gemma.caption([im], max_new_tokens=8)[0].text for im in images]
-    gemma.use([])
-    assert together == alone
-    assert together != baseline, "the methods must act here"

@@ -1,8 +1,8 @@
 """InternVL3's pixel shuffle and tiles: its extrapolated defaults, the token grid against where the model's pixel
 shuffle puts each patch, the image-token mask over every tile and the thumbnail, VCD's split of the flat tile list per
-image, PAI's image-free prompt, and every method on a padded batch of mixed-size images against each image alone
-(parity with the plain SPARC reference, the padded SPARC batch and the static loop run for every family in
-test_sparc.py and test_captured.py)."""
+image and PAI's image-free prompt (every method on a padded batch of mixed-size images against each image alone, parity
+with the plain SPARC reference and the static loop run for every family in test_families.py, test_sparc.py and
+test_captured.py)."""
 
 import json
 
@@ -135,28 +135,3 @@ def test_pai_image_free_prompt_keeps_the_markers(captioner):
     assert not (ids == c.model.config.image_token_id).any() and "pixel_values" not in other
     text = c.processor.tokenizer.decode(ids[1][other["attention_mask"][1].bool()])
     assert "<img></img>" in text and text.endswith("assistant\n")
-
-
-SMALL = {
-    "sparc": {"tau": 0.05, "alpha": 1.5},
-    "locore": {"beta": 2.0, "window": 3},
-    "naive": {"alpha": 2.0},
-    "pai": {"alpha": 0.5},
-    "vcd": {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3},
-    "sgrs": {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3},
-    "opera": {"num_beams": 3, "candidates": 4, "early": 2, "scale": 100.0, "threshold": 2},
-}
-RUNS = [[m] for m in SMALL] + [["sparc", "locore", "vcd"], ["naive", "pai", "sgrs"]]
-
-
-@pytest.mark.parametrize("methods", RUNS, ids="+".join)
-def test_every_method_batched_equals_each_image_alone(captioner, methods):
-    c, images = captioner, make_images()
-    c.use([])
-    baseline = [r.text for r in c.caption(images, max_new_tokens=8)]
-    c.use(methods, {m: SMALL[m] for m in methods})
-    together = [r.text for r in c.caption(images, max_new_tokens=8)]
-    alone = [c.caption([im], max_new_tokens=8)[0].text for im in images]
-    c.use([])
-    assert together == alone
-    assert together != baseline, "the methods must act here"

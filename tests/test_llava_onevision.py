@@ -1,6 +1,6 @@
-"""LLaVA-OneVision: its extrapolated defaults, its any-resolution token grid against where the model puts each token,
-and every method on a padded batch of mixed-size images against each image alone (parity with the plain SPARC
-reference, the padded SPARC batch and the static loop run for every family in test_sparc.py and test_captured.py)."""
+"""LLaVA-OneVision: its extrapolated defaults and its any-resolution token grid against where the model puts each
+token (every method on a padded batch of mixed-size images against each image alone, parity with the plain SPARC
+reference and the static loop run for every family in test_families.py, test_sparc.py and test_captured.py)."""
 
 import json
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import make_images
 
-import neverfade
 from neverfade.cli import main
 from neverfade.models.families import FAMILIES, ModelInfo
 from neverfade.models.random import random_model
@@ -65,32 +64,3 @@ def test_token_grid_is_where_the_model_puts_the_grid(tiny, size):
     assert newline == [base + (r + 1) * (grid.cols + 1) - 1 for r in range(grid.rows)]
     assert sorted([*range(base), *newline, *grid.index.tolist()]) == list(range(count))
     np.testing.assert_array_equal(grid.place(np.arange(count))[:, 0], base + np.arange(grid.rows) * (grid.cols + 1))
-
-
-SMALL = {
-    "sparc": {"tau": 0.05, "alpha": 1.5},
-    "locore": {"beta": 2.0, "window": 3},
-    "naive": {"alpha": 2.0},
-    "pai": {"alpha": 0.5},
-    "vcd": {"alpha": 3.0, "beta": 0.05, "noise_step": 999, "seed": 3},
-    "sgrs": {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3},
-    "opera": {"num_beams": 3, "candidates": 4, "early": 2, "scale": 100.0, "threshold": 2},
-}
-RUNS = [[m] for m in SMALL] + [["sparc", "locore", "vcd"], ["naive", "pai", "sgrs"]]
-
-
-@pytest.fixture(scope="module")
-def captioner(tiny_models):
-    return neverfade.load(tiny_models["llava_onevision"], device="cpu")
-
-
-@pytest.mark.parametrize("methods", RUNS, ids="+".join)
-def test_every_method_batched_equals_each_image_alone(captioner, methods):
-    c, images = captioner, make_images()
-    c.use([])
-    baseline = [r.text for r in c.caption(images, max_new_tokens=8)]
-    c.use(methods, {m: SMALL[m] for m in methods})
-    together = [r.text for r in c.caption(images, max_new_tokens=8)]
-    alone = [c.caption([im], max_new_tokens=8)[0].text for im in images]
-    assert together == alone
-    assert together != baseline, "the methods must act here"

@@ -1,6 +1,6 @@
 """Qwen3-VL: its defaults (Qwen2-VL's, unvalidated), its token grid against the model's own M-RoPE positions, the
 deepstack features in VCD's noised branch and PAI's image-free branch, and every method against its plain reference
-(the parity, padded-batch and static-loop tests run on it through FAMILIES)."""
+(the parity, padded-batch, every-method-batched and static-loop tests run on it through FAMILIES)."""
 
 import json
 
@@ -106,13 +106,6 @@ def test_pai_image_free_branch_has_no_visual_features(tiny_models):
     prefills = [(length, deepstack) for length, deepstack in calls if length > 1]
     assert [length for length, _ in prefills] == [inputs["input_ids"].shape[1], free_ids.shape[1]]
     assert prefills[0][1] is not None and prefills[1][1] is None
-
-
-def test_vcd_batch_equals_each_image_alone(tiny_models):
-    c = neverfade.load(tiny_models[FAMILY], device="cpu", methods=["vcd"], method_params={"vcd": VCD})
-    images = make_images()
-    together = [r.text for r in c.caption(images, max_new_tokens=10)]
-    assert together == [c.caption([image], max_new_tokens=10)[0].text for image in images]
 
 
 @pytest.mark.parametrize("method", CASES)
