@@ -5,6 +5,8 @@ transformers release fails here, on a CPU, instead of on a user's GPU."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -72,8 +74,16 @@ def test_a_decode_step_reaches_every_layer_at_real_shapes(meta_model):
     image[0, 5:30] = True
     engine.batch = Batch(image_mask=image.to("meta"))
     for m in engine.hooks:
-        if m.State is not None:
-            engine.batch.states[m.name] = m.new_state(engine.batch)
+        if m.State is not None:  # made from the mask's values (SPARC keeps the image tokens' span), then moved to meta
+            state = m.new_state(Batch(image_mask=image))
+            engine.batch.states[m.name] = dataclasses.replace(
+                state,
+                **{
+                    f.name: getattr(state, f.name).to("meta")
+                    for f in dataclasses.fields(state)
+                    if isinstance(getattr(state, f.name), torch.Tensor)
+                },
+            )
     decoder, hidden = model.get_decoder(), model.config.get_text_config().hidden_size
     cache = DynamicCache(config=model.config.get_text_config())
     with torch.no_grad():
