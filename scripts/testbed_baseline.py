@@ -23,18 +23,20 @@ from neverfade.scenes.hard import make_hard_scene, partners
 from neverfade.scenes.profile import TARGET, TOLERANCE, check_profile, hallucination_profile
 
 
-def cooccurrence_ci(captions, scenes, n_boot: int = 500, seed: int = 0) -> list[float]:
-    """95% bootstrap interval over captions of the share of hallucinations the priors pair with a present object."""
+def cooccurrence_ci(captions, scenes) -> list[float]:
+    """95% bootstrap interval over captions (`neverfade.stats.bootstrap`) of the share of hallucinations the priors
+    pair with a present object: per caption, its hallucinated objects and how many of them the priors pair."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(captions), len(captions))
-        share = hallucination_profile([captions[i] for i in pick], [scenes[i] for i in pick], partners)["cooccurrence"]
-        if share is not None:
-            values.append(share)
-    return [round(float(v), 2) for v in np.percentile(values, [2.5, 97.5])]
+    from neverfade.stats import bootstrap, ratio
+
+    counts = []
+    for caption, scene in zip(captions, scenes):
+        one = hallucination_profile([caption], [scene], partners)
+        wrong = sum(h for h, _ in one["by_rank_counts"])
+        counts.append([(one["cooccurrence"] or 0) / 100 * wrong, wrong])
+    ci = bootstrap(np.array(counts), lambda c: {"share": 100 * ratio(c[..., 0], c[..., 1])})["share"]
+    return [round(v, 2) for v in ci]
 
 
 def describe(n: int, max_new_tokens: int, batch_size: int) -> list[dict]:
