@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from neverfade.data.samples import sample_scene_items
 from neverfade.eval.scenes import POSITION_BUCKETS, evaluate
 from neverfade.jsonl import read_jsonl
+from neverfade.methods.spec import format_spec
 
 
 def tuned_row(folder: Path, world: str, n_boot: int) -> dict:
@@ -46,13 +47,6 @@ def tuned_row(folder: Path, world: str, n_boot: int) -> dict:
     row["late_objects"] = report["runs"]["tuned"]["late_objects"]
     row["baseline_profile"] = report["runs"]["baseline"]["profile"]
     return row
-
-
-def setting(entry: dict) -> str:
-    return "+".join(
-        m["name"] + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["params"].items())
-        for m in entry["methods"]
-    )
 
 
 def pct(x, ci=None) -> str:
@@ -108,7 +102,7 @@ def main(argv=None) -> None:
     defaults = json.loads(args.scenes.read_text())
     defaults.pop("captions", None)
     for r in defaults["runs"].values():
-        r["setting"] = setting(r) if r["methods"] else "baseline"
+        r["setting"] = format_spec([(m["name"], m["params"]) for m in r["methods"]])
     tuned = [tuned_row(folder, args.world, args.bootstrap) for folder in args.tuned]
     report = {
         "title": args.title,
