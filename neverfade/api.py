@@ -69,9 +69,11 @@ class Captioner:
         name: str | None = None,
         decode: str = "auto",
         paper: bool = False,
+        attention: str = "auto",
     ):
         """`paper`: run as the SPARC authors did for this family (`PaperSetup`): their prompt format, their image
-        padding; the model must already be in their dtype (`load(..., paper=True)` loads it so)."""
+        padding; the model must already be in their dtype (`load(..., paper=True)` loads it so). `attention`: the
+        decode steps' attention in the methods' layers (see the `attention` property)."""
         family = model_info(model).family  # refuse unsupported architectures before anything else
         self.paper = family.paper if paper else None
         if paper:
@@ -84,6 +86,7 @@ class Captioner:
         self.attention_probe: ImageAttentionShare | None = None
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
+        self.attention = attention
         if self.paper is not None and self.paper.pad_to_square:
             self.processor.image_processor = family.square_padding(self.processor.image_processor)
         self.use(methods)
@@ -113,7 +116,7 @@ class Captioner:
         beams = any(m.flags().strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
         probes = [] if beams else [p for p in (self.attention_probe, *self.probes) if p is not None]
         if built or probes:
-            self.engine = Engine(self.model, built, probes).attach()
+            self.engine = Engine(self.model, built, probes, attention=self.attention).attach()
         return self
 
     def describe(self) -> list[dict[str, Any]]:
@@ -227,6 +230,28 @@ class Captioner:
         if value not in ("auto", "captured", "static", "eager"):
             raise ValueError(f"decode must be auto, captured, static or eager, not {value!r}")
         self._decode = value
+
+    @property
+    def attention(self) -> str:
+        """A decode step's attention in the layers where a method acts: "auto", the fused Triton kernel on CUDA
+        where it covers the call (`neverfade.engine.attention.fused_covers`), else the explicit row; "explicit",
+        always the explicit row (the reference, and the CPU path); "fused", the kernel wherever Triton can run it
+        (on a CPU only in its interpreter, for tests). Layers no method touches run SDPA either way."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        from neverfade.engine.attention import fused_runs
+
+        fused_runs(value, self.model.device)  # refuses an unknown choice, or "fused" where it cannot run
+        self._attention = value
+        if self.engine is not None:
+            self.engine.attention = value
+
+    def attention_path(self) -> str | None:
+        """The attention rows the last generate's decode steps took in the methods' layers: "fused", "explicit",
+        "fused+explicit", or None where no method acted in a decode step (the baseline: SDPA throughout)."""
+        return self.engine.attention_path() if self.engine is not None else None
 
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),

@@ -1,6 +1,7 @@
-"""The fused decode-attention kernel (neverfade/kernels/decode_attention.py) against the explicit attention row the
-engine computes today (neverfade.engine.attention.attention_row), on random inputs: batch sizes, grouped-query ratios,
-filled lengths of a static cache, masks, with and without a boost and a scale, the probabilities an observer sees.
+"""The fused decode-attention kernel (neverfade/kernels/decode_attention.py) against the explicit attention row, the
+engine's reference and CPU path (neverfade.engine.attention.attention_row), on random inputs: batch sizes,
+grouped-query ratios, filled lengths of a static cache, masks, with and without a boost and a scale, the
+probabilities an observer sees.
 
 Without CUDA the kernel runs in Triton's interpreter, in float32 and float16 (the interpreter's bfloat16 matrix
 product is wrong: bfloat16 is checked on the GPU only). Triton is not a test dependency (its wheel is about 290 MB):

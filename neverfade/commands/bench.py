@@ -63,6 +63,16 @@ def add_parser(sub) -> None:
         help="neverfade's decode path (default auto: captured on CUDA, eager on a CPU)",
     )
     p.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "fused", "explicit"],
+        help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel on "
+        "CUDA where it covers the call, else the explicit row), fused, explicit; several values time each "
+        "method setting once per value, side by side (e.g. --attention fused explicit). Each row records the "
+        "path taken (default: auto)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="also check, per setting, that the decode path gives the same tokens as the same loop run "
@@ -90,8 +100,11 @@ def run(args) -> int:
     )
     tuned = params_setting(args, args.method or [])
     specs = [tuned] if tuned else args.method or DEFAULT_METHODS
-    settings = [("baseline", [], {})] + [
-        (spec, names, params) for spec, (names, params) in zip(specs, method_settings(args, specs, "--method"))
+    attention = list(dict.fromkeys(args.attention))
+    settings = [("baseline", [], {}, "auto")] + [
+        (spec, names, params, choice)
+        for spec, (names, params) in zip(specs, method_settings(args, specs, "--method"))
+        for choice in attention
     ]
     report = {
         "environment": environment(device),
@@ -102,6 +115,11 @@ def run(args) -> int:
     }
     for model_name in models:
         captioner = _load(model_name, device, args.dtype)
+        try:
+            for choice in attention:
+                captioner.attention = choice  # refuses "fused" where Triton cannot run, before any timing
+        except ValueError as err:
+            raise UserError(f"--attention: {err}") from None
         for batch_size in args.batch_sizes:
             rows = bench_batch(captioner, model_name, settings, batch_size, args)
             report["rows"] += rows
@@ -114,8 +132,9 @@ def run(args) -> int:
     print(table(report["rows"]))
     for c in report["checks"]:
         print(
-            f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']} vs {c['reference']}: "
-            + ("same tokens" if c["same"] else f"first difference at token {c['first_difference']}")
+            f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']} "
+            f"({c.get('attention', 'not run')}) vs {c.get('reference', 'not run')}: "
+            + ("same tokens" if c["same"] else c.get("error") or f"first difference at token {c['first_difference']}")
         )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0 if all(c["same"] for c in report["checks"]) else 1
@@ -178,9 +197,15 @@ def _timed(captioner, inputs, new_tokens: int):
 
 
 def _use(captioner, setting, decode: str):
-    label, names, params = setting
+    label, names, params, attention = setting
+    captioner.attention = attention
     captioner.use(names, params)
     captioner.decode = "eager" if label == STOCK else decode
+
+
+def _key(setting) -> str:
+    """A setting's name among the timed ones: its spec, and the attention asked for when that is not auto."""
+    return setting[0] if setting[3] == "auto" else f"{setting[0]} [{setting[3]}]"
 
 
 def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
@@ -191,11 +216,11 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
 
     device = captioner.model.device
     inputs = captioner.inputs(_images(batch_size, args.image_size))
-    runs = settings + ([(STOCK, [], {})] if not args.no_stock else [])
+    runs = settings + ([(STOCK, [], {}, "auto")] if not args.no_stock else [])
     best: dict[str, dict] = {}
     for repeat in range(args.repeats + 1):  # the first round warms up kernels and allocators, untimed
         for setting in runs:
-            label = setting[0]
+            label = _key(setting)
             if label in best and (best[label].get("error") or best[label]["path"] in SLOW):
                 continue  # the slow references are timed once
             _use(captioner, setting, args.decode)
@@ -219,7 +244,7 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
     base = best.get("baseline", {}).get("ms_per_token")
     rows = []
     for setting in runs:
-        row = {"model": model_name, "batch_size": batch_size, "setting": setting[0], **best[setting[0]]}
+        row = {"model": model_name, "batch_size": batch_size, "setting": _key(setting), **best[_key(setting)]}
         if base and "ms_per_token" in row:
             row["overhead"] = round(row["ms_per_token"] / base, 4)
         rows.append(row)
@@ -236,6 +261,7 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
     ms = (total - prefill) / (new_tokens - 1) * 1000
     row = {
         "path": path,
+        "attention": captioner.attention_path() or "sdpa",  # the methods' layers at decode steps; sdpa: none
         "ms_per_token": round(ms, 3),
         "tokens_per_s": float(f"{batch_size * 1000 / ms:.4g}"),
         "prefill_s": round(prefill, 4),
@@ -269,7 +295,8 @@ def state_floats_per_image_token(captioner) -> dict[str, float]:
 
 def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
     """Tokens of the decode path against a plainer one, per setting: a captured replay against the same loop run
-    eagerly ("static"); the static loop (on a CPU) against generate's own loop ("eager")."""
+    eagerly ("static"); the static loop (on a CPU) against generate's own loop ("eager"). Both take the setting's
+    attention (the fused kernel, on CUDA by default): the check is of the replay, not of the kernel."""
     import torch
 
     from neverfade.decoding.captured import CaptureFailed
@@ -290,13 +317,14 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
                     {
                         "model": model_name,
                         "batch_size": batch_size,
-                        "setting": setting[0],
+                        "setting": _key(setting),
                         "path": path,
                         "same": False,
                         "error": str(err),
                     }
                 )
                 continue
+            attention = captioner.attention_path() or "sdpa"  # the checked run's; the reference runs the same
             captioner.decode = reference_path
             _, reference = _timed(captioner, inputs, args.check_tokens)
         prompt = inputs["input_ids"].shape[1]
@@ -306,8 +334,9 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
             {
                 "model": model_name,
                 "batch_size": batch_size,
-                "setting": setting[0],
+                "setting": _key(setting),
                 "path": path,
+                "attention": attention,
                 "reference": reference_path,
                 "tokens": int(fast.numel()),
                 "same": bool(torch.equal(fast, reference)),
@@ -333,7 +362,7 @@ def _line(row: dict) -> str:
     if "error" in row:
         return f"{row['model']} batch {row['batch_size']} {row['setting']}: {row['error']}"
     return (
-        f"{row['model']} batch {row['batch_size']} {row['setting']} ({row['path']}): "
+        f"{row['model']} batch {row['batch_size']} {row['setting']} ({row['path']}, {row['attention']}): "
         f"{row['ms_per_token']:.2f} ms/token, x{row.get('overhead', float('nan')):.3f}"
     )
 
@@ -344,6 +373,7 @@ def table(rows: list[dict]) -> str:
         "batch",
         "setting",
         "path",
+        "attention",
         "ms/token",
         "tokens/s",
         "x baseline",
@@ -354,7 +384,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         state = ", ".join(f"{k} {v:g}" for k, v in r.get("state_floats_per_image_token", {}).items())
         if "error" in r:
-            lines.append([r["model"], str(r["batch_size"]), r["setting"], r["error"], "", "", "", "", ""])
+            lines.append([r["model"], str(r["batch_size"]), r["setting"], r["error"], "", "", "", "", "", ""])
             continue
         lines.append(
             [
@@ -362,6 +392,7 @@ def table(rows: list[dict]) -> str:
                 str(r["batch_size"]),
                 r["setting"],
                 r["path"],
+                r["attention"],
                 f"{r['ms_per_token']:.2f}",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['overhead']:.3f}" if "overhead" in r else "",

@@ -2,11 +2,16 @@
 
 Prefill runs the stock SDPA kernel; in a layer where a method acts on the prompt's last position (the row that
 predicts the first token), that one row is computed explicitly and replaces SDPA's. A decode step runs SDPA in
-layers no method touches, and in the others one explicit attention row (the query is a single token, so this is two
-small matmuls and a softmax over the keys).
+layers no method touches, and in the others one attention row with the methods' edits: on CUDA the fused Triton
+kernel (`neverfade.kernels.decode_attention`: one pass over the filled keys only), elsewhere, and wherever the
+kernel does not cover the call (`fused_covers`), the explicit row (`attention_row`: two small matmuls and a softmax
+over every key of the cache), which is also the kernel's reference.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 from transformers import AttentionInterface
@@ -60,6 +65,77 @@ def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), 
         weights = probs.to(value.dtype)
     out = torch.bmm(weights.view(b * kv_heads, -1, keys), value.reshape(b * kv_heads, keys, dim))
     return out.view(b, heads, 1, dim).transpose(1, 2)
+
+
+ATTENTION = ("auto", "fused", "explicit")  # the engine's choice of decode-step row (`Engine.attention`)
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's
+
+
+def fused_unavailable(device: torch.device) -> str | None:
+    """Why the fused kernel cannot run on `device`, or None: it needs Triton (not a dependency of neverfade; torch's
+    CUDA wheels bring it), and CUDA, or on a CPU Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
+    first imported: the tests run it so)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return f"Triton compiles for CUDA and interprets on a CPU only with TRITON_INTERPRET=1; the model is on {device}"
+
+
+def fused_runs(choice: str, device: torch.device) -> bool:
+    """Whether the decode-step rows take the fused kernel on `device` (where `fused_covers` the call) under the
+    engine's `choice`: "auto" on CUDA with Triton, "fused" anywhere it can run (refused where it cannot),
+    "explicit" never."""
+    if choice not in ATTENTION:
+        raise ValueError(f"attention must be {', '.join(ATTENTION)}, not {choice!r}")
+    if choice == "explicit":
+        return False
+    why = fused_unavailable(device)
+    if choice == "fused" and why:
+        raise ValueError(f"attention='fused' cannot run: {why}")
+    return why is None and (choice == "fused" or device.type == "cuda")
+
+
+def fused_covers(query, key, value, attention_mask, reweighters) -> bool:
+    """Whether the fused kernel computes this decode step's row as `attention_row` would: one query token, a dtype
+    it takes, one head size, no mask or a boolean one (an additive mask may hold -inf, which the kernel's online
+    softmax cannot take over a chunk of hidden keys), no reweighter (SGRS reweights after the scale and
+    backpropagates through the row: the kernel has no backward), and no gradient wanted. Shapes and flags only:
+    no host synchronisation."""
+    if query.shape[2] != 1 or reweighters:
+        return False
+    if query.dtype not in FUSED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False
+    if query.device.type != key.device.type or value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+        return False
+    if query.shape[1] % key.shape[1] or value.shape[:3] != key.shape[:3]:
+        return False
+    if query.requires_grad or key.requires_grad or value.requires_grad:
+        return False
+    if attention_mask is None:
+        return True
+    return (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dtype == torch.bool
+        and attention_mask.dim() == 4
+        and attention_mask.shape[0] in (1, query.shape[0])
+        and attention_mask.shape[-1] >= key.shape[2]
+    )
+
+
+def fused_row(query, key, value, attention_mask, scaling, edits, length, layer, observers=(), batch=None):
+    """`attention_row` (without reweighters) by the fused kernel, over the first `length` keys (a one-element device
+    tensor: the filled part of a static cache, read by the kernel, so a captured step replays it as the cache
+    grows). Observers see the same float32 probabilities, zero from `length` on. Returns the output (B, 1, H, D)."""
+    from neverfade.kernels.decode_attention import decode_attention  # Triton: imported only where it runs
+
+    boost, scale = edits
+    out, probs = decode_attention(
+        query, key, value, scaling, length, attention_mask, boost, scale, return_probs=bool(observers)
+    )
+    for m in observers:
+        m.observe(layer, probs, batch)
+    return out
 
 
 def neverfade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

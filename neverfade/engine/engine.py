@@ -22,7 +22,10 @@ from neverfade.models.families import ModelInfo, model_info, text_attention_modu
 class Engine:
     """`methods` change the output; `probes` (analysis.probes) only watch, and are left out of `methods`."""
 
-    def __init__(self, model, methods: list[Method], probes: list[Method] = ()):
+    def __init__(self, model, methods: list[Method], probes: list[Method] = (), attention: str = "auto"):
+        """`attention`: the decode-step row in the layers where a method acts: "auto" (the fused kernel on CUDA,
+        where it covers the call; else the explicit row), "fused" (wherever the kernel can run: on a CPU in Triton's
+        interpreter, for tests) or "explicit" (always the explicit row, the reference)."""
         self.model = model
         self.info: ModelInfo = model_info(model)
         self.methods = list(methods)
@@ -48,6 +51,27 @@ class Engine:
         self._batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Batch
         self._hook = None
         self._previous_impl = None
+        self.attention = attention
+
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    @attention.setter
+    def attention(self, choice: str) -> None:
+        self.fused = attention.fused_runs(choice, self.model.device)  # refuses a choice that cannot run here
+        self._attention = choice
+
+    def attention_path(self) -> str | None:
+        """The rows the last batch's decode steps took in the methods' layers ("fused", "explicit", or
+        "fused+explicit" where the kernel did not cover some layers), or None before any. Counted when a step runs
+        in Python: a replayed CUDA graph repeats the captured step's choice."""
+        batch = self.batch
+        if batch is None or batch.rows == 0:
+            return None
+        if batch.fused == batch.rows:
+            return "fused"
+        return "explicit" if batch.fused == 0 else "fused+explicit"
 
     @property
     def strategy(self) -> tuple[str, Method] | None:
@@ -170,6 +194,26 @@ class Engine:
             self._step_cache[key] = attention.key_bias(attention_mask, keys, kv_heads, dtype)
         return self._step_cache[key]
 
+    def _filled(self, keys: int) -> torch.Tensor:
+        """(1,) long on the device: the keys of the cache filled at this decode step (the newest query's cache index
+        + 1, at most `keys`), for the fused kernel; device work only, shared by the step's layers."""
+        filled = self._step_cache.get(("filled", keys))
+        if filled is None:
+            filled = (self.batch.query_index + 1).clamp(max=keys).view(1)
+            self._step_cache[("filled", keys)] = filled
+        return filled
+
+    def _decode_row(self, query, key, value, attention_mask, scaling, layer):
+        editors, observers, reweighters = self.decode_rows[layer]
+        if self.fused and attention.fused_covers(query, key, value, attention_mask, reweighters):
+            self.batch.fused += 1
+            edits = self._edits(editors, key.shape[2])
+            filled = self._filled(key.shape[2])
+            return attention.fused_row(
+                query, key, value, attention_mask, scaling, edits, filled, layer, observers, self.batch
+            )
+        return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows)
+
     def _row(self, query, key, value, attention_mask, scaling, layer, rows):
         editors, observers, reweighters = rows[layer]
         bias = self._bias(attention_mask, key.shape[2], key.shape[1], query.dtype)
@@ -193,7 +237,7 @@ class Engine:
             scaling = query.shape[-1] ** -0.5
         if query.shape[2] == 1 and batch is not None and batch.step > 0 and self.decode_layers[layer]:
             batch.rows += 1
-            return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows), None
+            return self._decode_row(query, key, value, attention_mask, scaling, layer), None
         out, _ = compat.sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )

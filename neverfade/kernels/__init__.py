@@ -1,2 +1,2 @@
-"""Fused kernels for the decode step (Triton). Optional: nothing in neverfade imports them yet, and Triton is not a
-dependency; `decode_attention` needs it installed."""
+"""Fused kernels for the decode step (Triton). Optional: Triton is not a dependency of neverfade (torch's CUDA wheels
+bring it). The engine imports `decode_attention` only where it runs it (`neverfade.engine.attention.fused_row`)."""
