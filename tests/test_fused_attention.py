@@ -21,7 +21,6 @@ pytest.importorskip("triton", reason="Triton is not installed (not a test depend
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it before anything imports Triton
     pytest.skip("without CUDA Triton runs only in its interpreter: TRITON_INTERPRET=1", allow_module_level=True)
 
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")]
 INTERPRETER = pytest.mark.skipif(CUDA, reason="on a CUDA machine the kernel is compiled: the gpu tests check it")
 PROMPTS = ["Hi", "What is in this picture?"]  # of different lengths: the batch is left-padded
 SPARC = {"sparc": {"tau": 0.05, "alpha": 1.5, "layer": 2, "start": 1, "end": 2}}  # selects, observes, scales
