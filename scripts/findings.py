@@ -56,7 +56,7 @@ def pct(x, ci=None) -> str:
     return text + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci is not None else "")
 
 
-def markdown(title: str, defaults: dict, tuned: list[dict]) -> str:
+def markdown(title: str, defaults: dict, tuned: list[dict], partial: list[dict] = ()) -> str:
     head = (
         "| method | setting | precision | recall | F1 | CHAIRs | CHAIRi | words | F1 vs baseline [95%] "
         "| CHAIRi vs baseline [95%] | hallucinated by quarter (%) | real after 4th object (%) |"
@@ -80,6 +80,10 @@ def markdown(title: str, defaults: dict, tuned: list[dict]) -> str:
         line(label, "defaults" if r["methods"] else "", r)
     for r in tuned:
         line(r["setting"].split(":")[0], f"tuned: `{r['setting']}`", r)
+    for part in partial:
+        for label, r in part["runs"].items():
+            if r["methods"]:
+                line(label, f"defaults, first {part['n_scenes']} scenes (its own paired baseline)", r)
     buckets = [f"{lo}-{hi}" for lo, hi in POSITION_BUCKETS]
     lines += ["", "Attention on the image (%) by caption position (tokens):", ""]
     lines += ["| method | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 1)]
@@ -93,27 +97,37 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", type=Path, required=True, help="neverfade eval scenes JSON (paper defaults)")
     p.add_argument("--tuned", type=Path, nargs="*", default=[], help="neverfade tune --out folders")
+    p.add_argument(
+        "--partial",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="eval scenes JSONs over fewer scenes (a run cut short), each with its own baseline: rows marked so",
+    )
     p.add_argument("--world", default="default")
     p.add_argument("--title", required=True)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--commands", type=Path, help="a text file with the commands that made the inputs")
     p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.md")
     args = p.parse_args(argv)
-    defaults = json.loads(args.scenes.read_text())
-    defaults.pop("captions", None)
-    for r in defaults["runs"].values():
-        r["setting"] = format_spec([(m["name"], m["params"]) for m in r["methods"]])
+    defaults, *partial = (json.loads(f.read_text()) for f in (args.scenes, *args.partial))
+    for report in (defaults, *partial):
+        report.pop("captions", None)
+        for r in report["runs"].values():
+            r["setting"] = format_spec([(m["name"], m["params"]) for m in r["methods"]])
     tuned = [tuned_row(folder, args.world, args.bootstrap) for folder in args.tuned]
     report = {
         "title": args.title,
         "defaults": defaults,
         "tuned": tuned,
+        "partial": partial,
         "commands": args.commands.read_text() if args.commands else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{args.out}.md").write_text(markdown(args.title, defaults, tuned))
-    print(markdown(args.title, defaults, tuned))
+    text = markdown(args.title, defaults, tuned, partial)
+    Path(f"{args.out}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
