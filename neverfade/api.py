@@ -342,10 +342,11 @@ def load(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     built = build_methods(methods, method_params)  # bad method names and values fail before the model loads
-    if str(model).startswith("random:") and str(model).endswith(":7b"):
+    if str(model).startswith("random:") and str(model).count(":") == 2:  # random:<family>:<size>, built in memory
         from neverfade.models.random import random_model
 
-        net, processor = random_model(str(model).split(":")[1], "7b", dtype=_dtype(dtype, device), device=device)
+        _, family, size = str(model).split(":")
+        net, processor = random_model(family, size, dtype=_dtype(dtype, device), device=device)
         if paper:
             net = net.to(_dtype(_check_paper(model_info(net).family, dtype), device))
         return Captioner(net.eval(), processor, built, name=str(model), paper=paper)
@@ -359,7 +360,7 @@ def load(
 
 def resolve_model(model: str | Path | None) -> tuple[str, str]:
     """(path or hub id to load, the name recorded with results). `random:<family>` builds a tiny random model
-    (`random:<family>:7b`, the real size, is built in memory by `load`)."""
+    (`random:<family>:small` and `random:<family>:7b`, real sizes, are built in memory by `load`)."""
     if model is None:
         from neverfade.models.default import default_model
 

@@ -1,7 +1,8 @@
 """The real-size configurations (`random:<family>:7b`) built on the meta device, where weights take no memory: every
 method attaches, its layers resolve to the family's paper values, and a prefill and a decode step of the language
 model run through neverfade's attention function in every layer. A module, kwarg or attention hook renamed in a new
-transformers release fails here, on a CPU, instead of on a user's GPU."""
+transformers release fails here, on a CPU, instead of on a user's GPU. The `small` configurations (each family's
+smallest published checkpoint) have that checkpoint's parameter count."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ PAPER = {  # SPARC's selection layer and tau per family (METHODS.md), and the de
     "gemma3": (21, 1.5, 34),  # LLaVA-1.5's, unvalidated: 20 of 32 layers is 21 of Gemma 3 4B's 34
 }
 ROW_METHODS = ["sparc", "locore", "naive", "pai"]  # the methods acting through the attention row
+# `random:<family>:small`'s checkpoint and its published parameter count. Exact counts are the hub's safetensors
+# metadata (or a load of the checkpoint) as public repositories record them; the others are what the hub shows.
+PUBLISHED = {
+    "llava": ("llava-hf/llava-1.5-7b-hf", 7_063_427_072),  # its smallest: small is 7b
+    "llava_next": ("llava-hf/llava-v1.6-vicuna-7b-hf", 7.06e9),  # the hub: 7.06B; its smallest: small is 7b
+    "qwen2_vl": ("Qwen/Qwen2-VL-2B-Instruct", 2_208_985_600),
+    "qwen2_5_vl": ("Qwen/Qwen2.5-VL-3B-Instruct", 3_754_622_976),
+    "qwen3_vl": ("Qwen/Qwen3-VL-2B-Instruct", 2_127_532_032),
+    "internvl": ("OpenGVLab/InternVL3-1B-hf", 938_193_024),
+    "llava_onevision": ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", 0.895e9),  # the hub: 1.79 GB in float16
+    "gemma3": ("google/gemma-3-4b-it", 4_300_079_472),  # the 1B has no vision: small is the 4B, as 7b
+    "smolvlm": ("HuggingFaceTB/SmolVLM-256M-Instruct", 256_484_928),  # small is 7b
+}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -104,3 +118,13 @@ def test_a_decode_step_reaches_every_layer_at_real_shapes(meta_model):
     assert out.last_hidden_state.shape == (1, 1, hidden)
     assert engine.batch.rows == depth  # every layer computed the methods' explicit row
     c.use([])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_small_size_has_its_checkpoints_parameter_count(family):
+    """Counted on the meta device (tied weights once, as a checkpoint stores them), within 2% of the published count:
+    the hub's rounded figures (7.06B, 1.79 GB) leave under 1%; another checkpoint's widths, embeddings tied the wrong
+    way or a few layers too many or too few miss by more."""
+    model, _ = random_model(family, "small", dtype=torch.bfloat16, device="meta")
+    checkpoint, published = PUBLISHED[family]
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(published, rel=0.02), checkpoint

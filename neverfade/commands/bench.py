@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
         "--model",
         action="append",
         default=None,
-        help="model to time (repeatable): random:<family>:7b for random weights at the real size, a "
-        "local folder or a hub id. Default: random:llava:7b and random:qwen2_vl:7b on CUDA, "
+        help="model to time (repeatable): random:<family>:small or random:<family>:7b for random weights at a "
+        "real size (small: the family's smallest published checkpoint with vision, e.g. Qwen3-VL-2B; 7b: its "
+        "7B-class one), a local folder or a hub id. Default: random:llava:7b and random:qwen2_vl:7b on CUDA, "
         "random:llava (tiny) on a CPU",
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")

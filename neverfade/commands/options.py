@@ -36,7 +36,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="a local model folder or hub id (default: the embedded model; testbed: LLaVA on SmolLM2-135M, "
         "needs the testbed extra, see docs/testbed.md; random:<family> builds a "
         f"tiny random-weight model of {', '.join(names[:-1])} or {names[-1]}; "
-        "random:<family>:7b one of the real size, built in memory)",
+        "random:<family>:small (its smallest published checkpoint) or random:<family>:7b (its 7B-class one) one "
+        "of a real size, built in memory)",
     )
     group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     group.add_argument(

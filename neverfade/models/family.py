@@ -67,7 +67,8 @@ class Family(ABC):
 
     @abstractmethod
     def random_parts(self, size: str) -> tuple[Any, Any]:
-        """(config, processor) of a random-weight model: size "tiny" (tests, seconds on a CPU) or "7b" (bench)."""
+        """(config, processor) of a random-weight model: size "tiny" (tests, seconds on a CPU), "small" (bench: the
+        family's smallest published checkpoint with vision) or "7b" (bench: its 7B-class checkpoint)."""
 
     def random_weights(self, model) -> None:
         """Set weights that the model's own initialisation leaves without effect (a random model must see the image);

@@ -1,8 +1,10 @@
 """Random-weight models of each supported family, saved like a hub checkpoint.
 
 Two uses: small models for the tests (`size="tiny"`, built in seconds on a CPU and saved/loaded through the real
-`from_pretrained` path), and real-size configurations for `neverfade bench` (`size="7b"`). The weights are random,
-so the text is meaningless; the shapes, the processors and the timings are real.
+`from_pretrained` path), and real-size configurations for `neverfade bench`: `size="small"`, the family's smallest
+published checkpoint with vision, and `size="7b"`, its 7B-class one (each family's `random_parts` names both; where
+the smallest is the 7B-class one, the two are the same). The weights are random, so the text is meaningless; the
+shapes, the processors and the timings are real.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def _by_name() -> dict:
 
 
 FAMILIES = tuple(_by_name())  # the names `random:<name>` takes, one per family
+SIZES = ("tiny", "small", "7b")  # `random_model`'s sizes: tests, the smallest real checkpoint, the 7B-class one
 
 
 def random_family(name: str):
@@ -48,13 +51,13 @@ def tokenizer(specials: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu"):
-    """A random-weight (model, processor) of `family` (its `random_name`), built in memory on `device` (a 7B model in
-    seconds on a GPU; the same seed gives the same weights on the same kind of device)."""
+    """A random-weight (model, processor) of `family` (its `random_name`) at `size` (one of `SIZES`), built in memory
+    on `device` (a 7B model in seconds on a GPU; the same seed gives the same weights on the same kind of device)."""
     known = _by_name()
     if family not in known:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(known)}")
-    if size not in ("tiny", "7b"):
-        raise ValueError(f"unknown size {size!r}; choose tiny or 7b")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose {', '.join(SIZES[:-1])} or {SIZES[-1]}")
     config, processor = known[family].random_parts(size)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -78,6 +78,9 @@ class Gemma3(Family):
             weight.normal_(std=weight.shape[0] ** -0.5)
 
     def random_parts(self, size):
+        """Tiny, or Gemma 3 4B's configuration for both small and 7b (Gemma 3 1B has no vision): its numbers as a public
+        test fixture copies its config.json, and its 4,300,079,472 parameters (the hub's safetensors metadata, as public
+        repos record it), built here exactly."""
         from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 

@@ -116,7 +116,7 @@ class InternVL(Family):
 
         from neverfade.models.random import tokenizer
 
-        tiny = size == "tiny"
+        tiny, small = size == "tiny", size == "small"
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *MARKS.values()]
         tok = tokenizer(specials, 512 if tiny else 1024)
         tok = type(tok)(tokenizer_object=tok.backend_tokenizer, padding_side="left", extra_special_tokens=MARKS)
@@ -128,13 +128,19 @@ class InternVL(Family):
             num_attention_heads=4 if tiny else 16,
             image_size=32 if tiny else 448,
             patch_size=4 if tiny else 14,
+            attention_bias=not tiny,  # InternViT-300M's qkv_bias
         )
-        text = Qwen2Config(  # InternVL3-8B's Qwen2.5-7B
-            hidden_size=64 if tiny else 3584,
-            intermediate_size=128 if tiny else 18944,
-            num_hidden_layers=4 if tiny else 28,
-            num_attention_heads=4 if tiny else 28,
-            num_key_value_heads=2 if tiny else 4,
+        # small: InternVL3-1B's Qwen2.5-0.5B, as its printed config shows (public repo shivangjhalani/multicoco,
+        # InternVL3-1B_data.md: 896/4864/24 layers/14 heads/2 kv, vocab 151674, untied; InternViT qkv_bias); 7b:
+        # InternVL3-8B's Qwen2.5-7B. Parameters, built here exactly: 938,193,024 for InternVL3-1B in a public benchmark
+        # table (the hub's 1.88 GB bfloat16 file); 7,944,373,760 recorded for Lingshu-I-8B, an InternVL3-8B-shaped
+        # InternVLForConditionalGeneration (InternVL3-8B's own count not found)
+        text = Qwen2Config(
+            hidden_size=64 if tiny else 896 if small else 3584,
+            intermediate_size=128 if tiny else 4864 if small else 18944,
+            num_hidden_layers=4 if tiny else 24 if small else 28,
+            num_attention_heads=4 if tiny else 14 if small else 28,
+            num_key_value_heads=2 if tiny else 2 if small else 4,
             vocab_size=512 if tiny else 151674,
             max_position_embeddings=4096 if tiny else 32768,
             initializer_range=0.2 if tiny else 0.02,
@@ -147,6 +153,7 @@ class InternVL(Family):
             image_token_id=tok.context_image_token_id,
             downsample_ratio=0.5,
             pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=tiny,  # InternVL3's own are untied
         )
         config.image_seq_length = tile_side(config) ** 2
         px = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size

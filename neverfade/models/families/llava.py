@@ -27,7 +27,10 @@ def side(config) -> int:
 
 
 def random_llava_parts(size: str):
-    """(vision config, text config, tokenizer, LLaVA config keywords) of a random LLaVA-style model."""
+    """(vision config, text config, tokenizer, LLaVA config keywords) of a random LLaVA-style model: tiny, or
+    LLaVA-1.5-7B's configuration for both small and 7b (the smallest LLaVA-1.5 and LLaVA-NeXT checkpoints are 7B):
+    7,063,427,072 parameters, as a public audit of llava-hf/llava-1.5-7b-hf's safetensors headers counts them, built
+    here exactly (LLaVA-NeXT adds its 4096 image_newline: llava-v1.6-vicuna-7b, 7.06B on the hub)."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from neverfade.models.random import tokenizer

@@ -69,10 +69,15 @@ class LlavaOnevision(Family):
         from neverfade.models.processors import image_only
         from neverfade.models.random import tokenizer
 
-        tiny = size == "tiny"
+        tiny, small = size == "tiny", size == "small"
         tok = tokenizer(SPECIALS, 512 if tiny else 1024)
         tok.pad_token = tok.eos_token = "<|endoftext|>"
         tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+        # small: llava-hf/llava-onevision-qwen2-0.5b-ov-hf, 7b: llava-hf/llava-onevision-qwen2-7b-ov-hf, as
+        # transformers' convert_llava_onevision_weights_to_hf.py builds them: SigLIP so400m less its last layer and
+        # head, the text config of Qwen/Qwen2-0.5B-Instruct (896/4864/24 layers/14 heads/2 kv, tied: the original saves
+        # no lm_head) or Qwen2-7B-Instruct, vocab + <image>, <video> padded to 64s. Not read from their config.json;
+        # parameters built: 893,675,552 (the hub's file: 1.79 GB in float16, 0.89B) and 8,030,807,584 (the hub: 8.03B)
         vision = SiglipVisionConfig(
             hidden_size=32 if tiny else 1152,
             intermediate_size=64 if tiny else 4304,
@@ -83,12 +88,12 @@ class LlavaOnevision(Family):
             vision_use_head=False,
         )
         text = Qwen2Config(
-            hidden_size=64 if tiny else 3584,
-            intermediate_size=128 if tiny else 18944,
-            num_hidden_layers=4 if tiny else 28,
-            num_attention_heads=4 if tiny else 28,
-            num_key_value_heads=2 if tiny else 4,
-            vocab_size=512 if tiny else 152128,
+            hidden_size=64 if tiny else 896 if small else 3584,
+            intermediate_size=128 if tiny else 4864 if small else 18944,
+            num_hidden_layers=4 if tiny else 24 if small else 28,
+            num_attention_heads=4 if tiny else 14 if small else 28,
+            num_key_value_heads=2 if tiny else 2 if small else 4,
+            vocab_size=512 if tiny else 152000 if small else 152128,  # Qwen2's + <image>, <video>: to 64s
             max_position_embeddings=4096 if tiny else 32768,
             initializer_range=0.2 if tiny else 0.02,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
@@ -107,6 +112,7 @@ class LlavaOnevision(Family):
             vision_feature_select_strategy="full",
             vision_feature_layer=-1,
             pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=small,
         )
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": px, "width": px}, image_grid_pinpoints=pinpoints

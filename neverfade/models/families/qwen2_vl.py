@@ -36,6 +36,12 @@ class Qwen2VL(Family):
     image_inputs = ("pixel_values", "image_grid_thw")
     step_constant = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # kept by some releases, unused
     processor_class = "Qwen2VLProcessor"
+    # `random_parts("small")`'s language model: Qwen/Qwen2-VL-2B-Instruct's (its vision tower is the 7B's). Its
+    # config.json was not read here; its parameter count pins every weight-bearing number: 2,208,985,600 (tied lm_head
+    # 151936 x 1536), as public repos record from the checkpoint, is what this builds
+    small_text = dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+    )
 
     def token_grid(self, config, inputs, count):
         t, h, w = (int(x) for x in inputs["image_grid_thw"][0])
@@ -50,6 +56,9 @@ class Qwen2VL(Family):
         return inputs["image_grid_thw"].prod(-1).tolist()
 
     def random_parts(self, size):
+        """Tiny; small: the 2B (Qwen2.5-VL: 3B) Instruct checkpoint's configuration, tied embeddings; 7b: the 7B's
+        (Qwen2-VL-7B-Instruct 8,291,375,616 and Qwen2.5-VL-7B-Instruct 8,292,166,656 parameters, the hub's safetensors
+        metadata as public repos record it; built here exactly)."""
         import transformers
 
         from neverfade.models.processors import image_only
@@ -87,6 +96,9 @@ class Qwen2VL(Family):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
+        small = size == "small"
+        if small:
+            text.update(self.small_text, vocab_size=151936)
         vision = dict(
             depth=2 if tiny else 32,
             embed_dim=32 if tiny else 1280,
@@ -98,7 +110,7 @@ class Qwen2VL(Family):
             out_hidden_size=text["hidden_size"],
             in_chans=3,
         )
-        config = self.random_config(tiny, text, vision, pad_token_id=tok.pad_token_id, **ids)
+        config = self.random_config(tiny, text, vision, pad_token_id=tok.pad_token_id, tie_word_embeddings=small, **ids)
         pixels = 56 * 56
         image_processor = transformers.Qwen2VLImageProcessorPil(
             min_pixels=pixels if tiny else 256 * 28 * 28,
@@ -131,6 +143,17 @@ class Qwen2_5_VL(Qwen2VL):
     unvalidated = frozenset({"sparc", "locore"})
     paper = None
     processor_class = "Qwen2_5_VLProcessor"
+    # Qwen/Qwen2.5-VL-3B-Instruct's config.json, as a public notes repo mirrors it (tied, vocab 151936; vision the 7B's,
+    # out 2048): 3,754,622,976 parameters (vision 668,684,288) as public repos record them, built here exactly. The 7b
+    # keeps Qwen2-VL-7B's max_position_embeddings, 32768 (Qwen2.5-VL-7B's, not confirmed here, is 128000; no weight)
+    small_text = dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=128000,
+    )
 
     def random_config(self, tiny, text, vision, **kw):
         from transformers import Qwen2_5_VLConfig

@@ -25,13 +25,14 @@ class Qwen3VL(Qwen2VL):
     processor_class = "Qwen3VLProcessor"
 
     def random_parts(self, size):
-        """Tiny, or Qwen3-VL-8B-Instruct's configuration (36 layers, deepstack after vision layers 8, 16, 24)."""
+        """Tiny; small: Qwen3-VL-2B-Instruct's configuration (28 layers, deepstack after vision layers 5, 11, 17);
+        7b: Qwen3-VL-8B-Instruct's (36 layers, deepstack after vision layers 8, 16, 24)."""
         import transformers
 
         from neverfade.models.processors import image_only
         from neverfade.models.random import tokenizer
 
-        tiny = size == "tiny"
+        tiny, small = size == "tiny", size == "small"
         tok = tokenizer(SPECIALS, 512 if tiny else 1024)
         tok.pad_token = tok.eos_token = "<|endoftext|>"
         tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
@@ -44,11 +45,16 @@ class Qwen3VL(Qwen2VL):
                 ("vision_end", "vision_end"),
             ]
         }
+        # small: Qwen/Qwen3-VL-2B-Instruct, tied embeddings; 7b: Qwen/Qwen3-VL-8B-Instruct. The 2B's numbers as public
+        # ports and test fixtures copy its config.json (sgl-jax's Qwen3VLVisionConfig defaults: depth 24, width 1024,
+        # 4096, deepstack 5/11/17; text 2048/6144/28 layers/16 heads/8 kv, rope 5e6, mrope 24/20/20). Parameters, as
+        # public repos record the hub's safetensors metadata, each built here exactly: 2B 2,127,532,032 (language
+        # 1,720,574,976, vision 406,957,056; the OpenExplorer card: 2.128B), 8B 8,767,123,696.
         text = dict(
-            hidden_size=64 if tiny else 4096,
-            intermediate_size=128 if tiny else 12288,
-            num_hidden_layers=4 if tiny else 36,
-            num_attention_heads=4 if tiny else 32,
+            hidden_size=64 if tiny else 2048 if small else 4096,
+            intermediate_size=128 if tiny else 6144 if small else 12288,
+            num_hidden_layers=4 if tiny else 28 if small else 36,
+            num_attention_heads=4 if tiny else 16 if small else 32,
             num_key_value_heads=2 if tiny else 8,
             head_dim=16 if tiny else 128,
             vocab_size=512 if tiny else 151936,
@@ -63,18 +69,18 @@ class Qwen3VL(Qwen2VL):
             pad_token_id=tok.pad_token_id,
         )
         vision = dict(
-            depth=2 if tiny else 27,
-            hidden_size=32 if tiny else 1152,
-            intermediate_size=64 if tiny else 4304,
+            depth=2 if tiny else 24 if small else 27,
+            hidden_size=32 if tiny else 1024 if small else 1152,
+            intermediate_size=64 if tiny else 4096 if small else 4304,
             num_heads=4 if tiny else 16,
             patch_size=16,
             spatial_merge_size=2,
             temporal_patch_size=2,
             out_hidden_size=text["hidden_size"],
             num_position_embeddings=64 if tiny else 2304,
-            deepstack_visual_indexes=[0, 1] if tiny else [8, 16, 24],
+            deepstack_visual_indexes=[0, 1] if tiny else [5, 11, 17] if small else [8, 16, 24],
         )
-        config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=small, **ids)
         config.pad_token_id = tok.pad_token_id
         image_processor = transformers.Qwen2VLImageProcessorPil(
             min_pixels=2 * 32 * 32 if tiny else 256 * 256,

@@ -113,6 +113,9 @@ class SmolVLM(Family):
         return (pixels == 0).flatten(2).all(-1)[..., None, None, None]
 
     def random_parts(self, size):
+        """Tiny, or SmolVLM-256M's configuration for both small and 7b (the family's smallest): its 256,484,928
+        parameters (the hub's metadata for SmolVLM-256M-Instruct, as public repos record it) built here exactly, untied
+        embeddings; rope_theta and max_position_embeddings (no weight) not confirmed."""
         from transformers import LlamaConfig, SmolVLMConfig, SmolVLMVisionConfig
 
         from neverfade.models.random import tokenizer
