@@ -233,10 +233,11 @@ class Captioner:
 
     @property
     def attention(self) -> str:
-        """A decode step's attention in the layers where a method acts: "auto", the fused Triton kernel on CUDA
-        where it covers the call (`neverfade.engine.attention.fused_covers`), else the explicit row; "explicit",
-        always the explicit row (the reference, and the CPU path); "fused", the kernel wherever Triton can run it
-        (on a CPU only in its interpreter, for tests). Layers no method touches run SDPA either way."""
+        """A decode step's attention in the layers where a method acts: "auto" (the default) and "explicit", the
+        explicit row (the reference, and the CPU path; auto will take the kernel on CUDA once it has passed its GPU
+        tests); "fused", the fused Triton kernel wherever Triton can run it and it covers the call
+        (`neverfade.engine.attention.fused_covers`; on a CPU only in its interpreter, for tests). Layers no method
+        touches run SDPA either way."""
         return self._attention
 
     @attention.setter

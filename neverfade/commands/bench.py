@@ -68,8 +68,9 @@ def add_parser(sub) -> None:
         nargs="+",
         default=["auto"],
         choices=["auto", "fused", "explicit"],
-        help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel on "
-        "CUDA where it covers the call, else the explicit row), fused, explicit; several values time each "
+        help="the decode steps' attention in the layers where a method acts: auto (for now the explicit row: "
+        "the fused kernel is opt-in until it passes its GPU tests), fused (the Triton kernel where it covers the "
+        "call), explicit; several values time each "
         "method setting once per value, side by side (e.g. --attention fused explicit). Each row records the "
         "path taken (default: auto)",
     )
@@ -297,7 +298,7 @@ def state_floats_per_image_token(captioner) -> dict[str, float]:
 def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
     """Tokens of the decode path against a plainer one, per setting: a captured replay against the same loop run
     eagerly ("static"); the static loop (on a CPU) against generate's own loop ("eager"). Both take the setting's
-    attention (the fused kernel, on CUDA by default): the check is of the replay, not of the kernel."""
+    attention (the fused kernel where asked for): the check is of the replay, not of the kernel."""
     import torch
 
     from neverfade.decoding.captured import CaptureFailed

@@ -84,8 +84,9 @@ def fused_unavailable(device: torch.device) -> str | None:
 
 def fused_runs(choice: str, device: torch.device) -> bool:
     """Whether the decode-step rows take the fused kernel on `device` (where `fused_covers` the call) under the
-    engine's `choice`: "auto" on CUDA with Triton, "fused" anywhere it can run (refused where it cannot),
-    "explicit" never."""
+    engine's `choice`: "fused" anywhere it can run (refused where it cannot); "auto" and "explicit" never, for now:
+    the kernel has not yet passed its GPU tests (tests/test_fused_attention.py, issue 15), so it is opt-in until
+    then."""
     if choice not in ATTENTION:
         raise ValueError(f"attention must be {', '.join(ATTENTION)}, not {choice!r}")
     if choice == "explicit":
@@ -93,7 +94,7 @@ def fused_runs(choice: str, device: torch.device) -> bool:
     why = fused_unavailable(device)
     if choice == "fused" and why:
         raise ValueError(f"attention='fused' cannot run: {why}")
-    return why is None and (choice == "fused" or device.type == "cuda")
+    return why is None and choice == "fused"
 
 
 def fused_covers(query, key, value, attention_mask, reweighters) -> bool:
