@@ -23,9 +23,9 @@ class Engine:
     """`methods` change the output; `probes` (analysis.probes) only watch, and are left out of `methods`."""
 
     def __init__(self, model, methods: list[Method], probes: list[Method] = (), attention: str = "auto"):
-        """`attention`: the decode-step row in the layers where a method acts: "auto" (the fused kernel on CUDA,
-        where it covers the call; else the explicit row), "fused" (wherever the kernel can run: on a CPU in Triton's
-        interpreter, for tests) or "explicit" (always the explicit row, the reference)."""
+        """`attention`: the decode-step row in the layers where a method acts: "auto" (for now the explicit row: the
+        fused kernel is opt-in until it passes its GPU tests), "fused" (the kernel wherever it can run and covers the
+        call: on a CPU in Triton's interpreter, for tests) or "explicit" (always the explicit row, the reference)."""
         self.model = model
         self.info: ModelInfo = model_info(model)
         self.methods = list(methods)
