@@ -4,8 +4,8 @@ grouped-query ratios, filled lengths of a static cache, masks, with and without 
 probabilities an observer sees.
 
 Without CUDA the kernel runs in Triton's interpreter, in float32 and float16 (the interpreter's bfloat16 matrix
-product is wrong: bfloat16 is checked on the GPU only). Triton is not a test dependency (its wheel is about 290 MB):
-where it is missing these tests are skipped."""
+product is wrong: bfloat16 is checked on the GPU only). Triton comes with the `test` extra (Linux); on a
+platform without its wheel these tests are skipped."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from neverfade.engine.attention import attention_row, key_bias
 
 CUDA = torch.cuda.is_available()
-pytest.importorskip("triton", reason="Triton is not installed (not a test dependency: its wheel is about 290 MB)")
+pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it on Linux)")
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it before anything imports Triton
     pytest.skip("without CUDA Triton runs only in its interpreter: TRITON_INTERPRET=1", allow_module_level=True)
 from neverfade.kernels.decode_attention import decode_attention  # noqa: E402

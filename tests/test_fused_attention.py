@@ -17,7 +17,7 @@ from neverfade.engine.attention import fused_covers, fused_runs
 from tests.conftest import make_images
 
 CUDA = torch.cuda.is_available()
-pytest.importorskip("triton", reason="Triton is not installed (not a test dependency: its wheel is about 290 MB)")
+pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it on Linux)")
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it before anything imports Triton
     pytest.skip("without CUDA Triton runs only in its interpreter: TRITON_INTERPRET=1", allow_module_level=True)
 
