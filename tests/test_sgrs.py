@@ -1,13 +1,15 @@
-"""SGRS against a plain reference; the batched saliency backward against one backward per candidate; composition."""
+"""SGRS against a plain reference; the batched saliency backward against one backward per candidate; composition;
+the step without host synchronisation."""
 
 import pytest
 import torch
 from conftest import make_images
+from host_sync import HostSync, no_host_sync
 from reference_sgrs import reference_sgrs
 from transformers import AutoModelForImageTextToText
 
 import neverfade
-from neverfade.decoding.rejection import saliencies
+from neverfade.decoding.rejection import RejectionLoop, saliencies, sample
 
 STEPS = 12
 SGRS = {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3}
@@ -78,3 +80,115 @@ def test_state_kept_across_steps_holds_no_graph(tiny_models):
     assert not sparc.ema.requires_grad and not sparc.weight.requires_grad
     shares = batch.state(c.attention_probe).rows
     assert len(shares) == 6 and not any(s.requires_grad for s in shares)
+
+
+# ---- the step on the device: no host synchronisation ----
+
+LEAKS = {  # what reads a tensor on the host, each as a line of code
+    "item": "t.sum().item()",
+    "tolist": "t.tolist()",
+    "bool": "bool(t.any())",
+    "if": "1 if t.sum() > 0 else 0",
+    "int": "int(t.sum())",
+    "float": "float(t.sum())",
+    "cpu": "t.cpu()",
+    "to-cpu": "t.to('cpu')",
+    "nonzero": "torch.nonzero(t)",
+    "nonzero-method": "t.nonzero()",
+    "masked_select": "torch.masked_select(t, t > 0)",
+    "boolean index": "t[t > 0]",
+    "boolean assignment": "t[t > 0] = 0",
+    "multinomial": "torch.multinomial(t.softmax(0), 1)",
+    "print": "print(t)",
+    "format": "f'{t}'",
+}
+
+
+def _defined_in(module: str, line: str):
+    """A function running `line` on its argument t, as if it were defined in `module`."""
+    namespace = {"torch": torch, "__name__": module}
+    exec(f"def leak(t):\n    {line}\n", namespace)
+    return namespace["leak"]
+
+
+@pytest.mark.parametrize("leak", LEAKS)
+def test_the_guard_catches_each_host_read_in_neverfade_code(leak):
+    t = torch.tensor([0.5, -1.0, 2.0])
+    ours, theirs = _defined_in("neverfade.decoding.rejection", LEAKS[leak]), _defined_in("transformers.x", LEAKS[leak])
+    ours(t.clone())  # runs unguarded
+    originals = (torch.Tensor.item, torch.Tensor.__bool__, torch.nonzero)
+    tensor_work = _defined_in(
+        "neverfade.x", "t[1:].sum(), t[None, torch.tensor([0, 2])], t.to(torch.float64), t.new_zeros(2)"
+    )
+    seen = []
+    with no_host_sync(seen=seen):
+        with pytest.raises(HostSync, match="host synchronisation"):
+            ours(t.clone())
+        theirs(t.clone())  # transformers' own reads are not the step's
+        tensor_work(t)  # and neverfade's tensor work passes
+    assert len(seen) == 1
+    assert (torch.Tensor.item, torch.Tensor.__bool__, torch.nonzero) == originals  # all restored
+
+
+def test_the_guard_catches_a_deliberate_item():
+    leak = _defined_in("neverfade.decoding.rejection", "return t.sum().item()")
+    assert leak(torch.ones(3)) == 3.0
+    with no_host_sync(), pytest.raises(HostSync, match=r"item from neverfade\.decoding\.rejection"):
+        leak(torch.ones(3))
+
+
+def test_sample_draws_as_multinomial():
+    probs = torch.softmax(torch.randn(4, 9) * 3, -1).index_fill(1, torch.tensor([2, 5]), 0.0)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        want, after = torch.multinomial(probs, 1).squeeze(1), torch.rand(3)
+        torch.manual_seed(seed)
+        assert torch.equal(sample(probs), want) and torch.equal(torch.rand(3), after)  # the same random numbers
+
+
+def _guarded(function, calls):
+    def step(self, *args, **kwargs):
+        calls.append(function.__name__)
+        with no_host_sync():
+            return function(self, *args, **kwargs)
+
+    return step
+
+
+GUARDED_RUNS = {  # sampled with top_k=3 < k=4: the candidates past the third have no probability
+    "greedy": dict(do_sample=False),
+    "sampled": dict(do_sample=True, top_k=3),
+    "sampled, every candidate": dict(do_sample=True),
+}
+
+
+def test_sgrs_step_reads_nothing_on_the_host(tiny_models, monkeypatch):
+    """Each SGRS step (the forward with the engine's hooks, the backward, the tries, the fallback, the ring of
+    accepted saliencies) runs without a host read in neverfade's code, on a padded batch; its tokens and rejection
+    count are those of the same run unguarded."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"], method_params={"sgrs": SGRS})
+    images, prompts = make_images(), ["Describe it.", "Hi", "What is in this picture?"]
+    tokens = dict(max_new_tokens=STEPS, min_new_tokens=STEPS)
+
+    def run(name):
+        torch.manual_seed(0)
+        texts = [r.text for r in c.caption(images, prompts, **tokens, **GUARDED_RUNS[name])]
+        return texts, c.methods[0].last_rejected
+
+    unguarded = {name: run(name) for name in GUARDED_RUNS}
+    assert unguarded["greedy"][1] > 0, "candidates must be turned down"
+    calls = []
+    for name in ("step_logits", "choose", "appended"):
+        monkeypatch.setattr(RejectionLoop, name, _guarded(getattr(RejectionLoop, name), calls))
+    for name in GUARDED_RUNS:
+        calls.clear()
+        assert run(name) == unguarded[name]
+        assert calls == ["step_logits", "choose", "appended"] * STEPS  # the guard was on at every step
+
+    # a host read in the step is caught: neverfade's own end-of-run read of the rejection count, made at each step
+    def leaky(self, tokens):
+        RejectionLoop.finish(self)
+
+    monkeypatch.setattr(RejectionLoop, "appended", _guarded(leaky, calls))
+    with pytest.raises(HostSync, match="__int__ from neverfade.decoding.rejection"):
+        run("greedy")

@@ -34,17 +34,36 @@ def saliencies(logits, candidates, rows, keys, batched=True):
     return (total / len(rows)).transpose(0, 1)  # (B, K)
 
 
+def sample(probs):
+    """(B,) one token per row of `probs` (B, N), as `torch.multinomial(probs, 1)` draws it: the same random numbers
+    and the same token (multinomial draws one sample as the argmax of probs over Exp(1) noise), without multinomial's
+    checks of `probs`, which read the device on the host."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
 class RejectionLoop(DecodingLoop):
+    """Every decision of a step is tensor work of fixed shape, with no host synchronisation (nothing reads the device
+    on the host until `finish`): the top `k` candidates always (those the processed distribution gives no
+    probability stay out of every choice), the `tries` tried in turn without stopping early (a row that has accepted
+    one keeps it), the mean of the accepted saliencies over the filled part of the ring by a device-side count. The
+    only branch on the host is on the step number: the first step, with no history, takes the token as generate
+    would. Greedy, the tokens are those of the loop that decided on the host (tests/reference_sgrs.py). Sampling,
+    each step draws the random numbers of all its tries (and of all k candidates where fewer have a probability),
+    where that loop stopped drawing at the first acceptance: the same distribution, other draws for a seed."""
+
     def start(self, input_ids, model_kwargs):
         super().start(input_ids, model_kwargs)
         method = self.method
         image_mask = input_ids == self.model._neverfade_engine.info.image_token_id
-        b = image_mask.shape[0]
-        positions = torch.arange(image_mask.shape[1], device=image_mask.device)
+        b, device = image_mask.shape[0], image_mask.device
+        positions = torch.arange(image_mask.shape[1], device=device)
         self.after_image = torch.where(image_mask, positions, -1).amax(1) + 1  # (B,) first key after the image
-        self.history = torch.zeros(b, method.window, device=image_mask.device)  # accepted saliencies, a ring
-        self.seen = 0
-        self.rejected = 0  # candidates turned down, over the run
+        self.end = torch.tensor(input_ids.shape[1], device=device)  # the keys up to the newest token: its count
+        self.history = torch.zeros(b, method.window, device=device)  # accepted saliencies, a ring
+        self.ring = torch.zeros((), dtype=torch.long, device=device)  # the ring's next slot
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # its filled slots, at most `window`
+        self.seen = 0  # steps taken (the host's own count)
+        self.rejected = torch.zeros((), dtype=torch.long, device=device)  # candidates turned down, over the run
 
     def step_logits(self, input_ids, step):
         with torch.enable_grad():
@@ -56,47 +75,61 @@ class RejectionLoop(DecodingLoop):
     def choose(self, input_ids, logits, scores):
         m = self.method
         probs = torch.softmax(scores, dim=-1)
-        k = min(m.k, int((probs > 0).sum(-1).min()))
-        cand_probs, candidates = probs.topk(max(k, 1), dim=-1)
+        cand_probs, candidates = probs.topk(min(m.k, probs.shape[-1]), dim=-1)  # (B, K)
+        # the candidates: the first k, k = the fewest tokens of positive probability in a row (at most K, at least 1)
+        k = (probs > 0).sum(-1).min().clamp(min=1)
+        valid = torch.arange(candidates.shape[1], device=candidates.device) < k  # (K,)
         positions = torch.arange(self.rows[0].shape[-1], device=input_ids.device)[None, :]
-        keys = (positions >= self.after_image[:, None]) & (positions < input_ids.shape[1])  # up to the newest token
+        keys = (positions >= self.after_image[:, None]) & (positions < self.end)  # up to the newest token
         with torch.enable_grad():
             sal = saliencies(self.logits, candidates, self.rows, keys)
         self.rows = None
         _detach_cache(compat.cache_of(self.kwargs))
-        if self.seen == 0:
-            pick = super().choose(input_ids, logits, scores)
-            chosen_sal = torch.where(candidates == pick[:, None], sal, 0).sum(1)
+        if self.seen == 0:  # the step number, known on the host: the prompt's step, never a replayed one
+            pick = sample(probs) if self.config.do_sample else scores.argmax(dim=-1)  # generate's own rule
+            chosen_sal = torch.where((candidates == pick[:, None]) & valid, sal, 0).sum(1)
         else:
-            filled = min(self.seen, m.window)
-            threshold = m.alpha * self.history[:, :filled].mean(1, keepdim=True)  # (B, 1)
-            pick, chosen_sal = self._reject(candidates, cand_probs, sal, threshold)
-        self.history[:, self.seen % m.window] = chosen_sal
+            threshold = m.alpha * self._recent_mean()  # (B, 1)
+            pick, chosen_sal = self._reject(candidates, cand_probs, sal, threshold, valid, k)
+        self.history.index_copy_(1, self.ring[None], chosen_sal[:, None].to(self.history.dtype))
+        self.ring.add_(1).remainder_(m.window)
+        self.filled.add_(1).clamp_(max=m.window)
         self.seen += 1
         return pick
 
-    def finish(self):
-        self.method.last_rejected = self.rejected
+    def appended(self, tokens):
+        self.end.add_(1)
 
-    def _reject(self, candidates, cand_probs, sal, threshold):
+    def finish(self):
+        self.method.last_rejected = int(self.rejected)  # the run's one read of the device on the host
+
+    def _recent_mean(self):
+        """(B, 1) the mean of the filled part of the ring: each prefix's own mean, in the order of operations of
+        `history[:, :n].mean(1)`, the one of `filled` picked on the device."""
+        means = torch.stack([self.history[:, :n].mean(1) for n in range(1, self.history.shape[1] + 1)], 1)
+        return means.index_select(1, (self.filled - 1).clamp(min=0)[None])
+
+    def _reject(self, candidates, cand_probs, sal, threshold, valid, k):
+        """Try min(tries, k) candidates in turn, each a fixed-shape step; a try past k, or in a row that has
+        accepted one, changes nothing. Returns the tokens and their saliencies, (B,) each."""
         b = candidates.shape[0]
-        alive = torch.ones_like(cand_probs, dtype=torch.bool)
+        alive = valid.expand_as(cand_probs).clone()
         done = torch.zeros(b, dtype=torch.bool, device=candidates.device)
-        slot = sal.argmax(1)  # the fallback: the most salient candidate
-        for _ in range(min(self.method.tries, candidates.shape[1])):
+        slot = torch.where(valid, sal, float("-inf")).argmax(1)  # the fallback: the most salient candidate
+        for r in range(min(self.method.tries, candidates.shape[1])):
             weights = torch.where(alive, cand_probs, 0)
             if self.config.do_sample:
-                tried = torch.multinomial(weights / weights.sum(1, keepdim=True), 1).squeeze(1)
+                total = weights.sum(1, keepdim=True)
+                tried = sample(weights / torch.where(total > 0, total, 1))  # total is 0 only in a try past k
             else:
                 tried = weights.argmax(1)
             ok = sal.gather(1, tried[:, None]).squeeze(1) >= threshold.squeeze(1)
-            take = ok & ~done
+            live = ~done & (r < k)
+            take = ok & live
             slot = torch.where(take, tried, slot)
-            self.rejected += int((~ok & ~done).sum())
-            done |= ok
+            self.rejected.add_((~ok & live).sum())
+            done |= take
             alive.scatter_(1, tried[:, None], False)
-            if bool(done.all()):
-                break
         return candidates.gather(1, slot[:, None]).squeeze(1), sal.gather(1, slot[:, None]).squeeze(1)
 
 
