@@ -1,6 +1,8 @@
 """SGRS against a plain reference; the batched saliency backward against one backward per candidate; composition;
 the step without host synchronisation."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_images
@@ -192,3 +194,31 @@ def test_sgrs_step_reads_nothing_on_the_host(tiny_models, monkeypatch):
     monkeypatch.setattr(RejectionLoop, "appended", _guarded(leaky, calls))
     with pytest.raises(HostSync, match="__int__ from neverfade.decoding.rejection"):
         run("greedy")
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_step_decisions_trace_as_one_graph(do_sample):
+    """The choice after the backward (the candidates' mask, the recent mean, the tries, the fallback) has no graph
+    break: torch.compile traces it whole (fullgraph) and gives the same tokens."""
+    loop = RejectionLoop.__new__(RejectionLoop)
+    loop.method = SimpleNamespace(tries=3, k=4, window=5, alpha=1.1)
+    loop.config = SimpleNamespace(do_sample=do_sample)
+    loop.history, loop.filled = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)), torch.tensor(3)
+    probs = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(1)), -1).index_fill(
+        1, torch.arange(47), 0.0
+    )
+    cand_probs, candidates = probs.topk(4)  # the fourth has no probability
+    sal = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+
+    def decide(probs, cand_probs, candidates, sal):
+        loop.rejected = torch.zeros((), dtype=torch.long)
+        k = (probs > 0).sum(-1).min().clamp(min=1)
+        valid = torch.arange(candidates.shape[1]) < k
+        return *loop._reject(candidates, cand_probs, sal, 1.1 * loop._recent_mean(), valid, k), loop.rejected
+
+    torch.manual_seed(3)
+    want = decide(probs, cand_probs, candidates, sal)
+    torch.manual_seed(3)
+    got = torch.compile(decide, fullgraph=True, backend="eager")(probs, cand_probs, candidates, sal)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert (want[0][:, None] == candidates[:, :3]).any(1).all()
