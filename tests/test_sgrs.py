@@ -222,3 +222,18 @@ def test_step_decisions_trace_as_one_graph(do_sample):
     got = torch.compile(decide, fullgraph=True, backend="eager")(probs, cand_probs, candidates, sal)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert (want[0][:, None] == candidates[:, :3]).any(1).all()
+
+
+def test_a_nan_distribution_stops_the_run(tiny_models):
+    """The tries decide on the device, so a NaN distribution no longer trips multinomial's own check: the loop must
+    still refuse to return choices made from it."""
+    from neverfade.errors import CannotAct
+
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"], method_params={"sgrs": SGRS})
+    inputs = c.processor(text=[c.prompt_text("Describe.")], images=make_images()[:1], return_tensors="pt")
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    c.generate(**inputs, **greedy)  # finite weights: no complaint
+    with torch.no_grad():
+        c.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(CannotAct, match="NaN"):
+        c.generate(**inputs, **greedy)

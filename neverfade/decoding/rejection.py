@@ -7,6 +7,7 @@ import torch
 
 from neverfade import compat
 from neverfade.decoding.loop import DecodingLoop
+from neverfade.errors import CannotAct
 
 
 def saliencies(logits, candidates, rows, keys, batched=True):
@@ -64,6 +65,7 @@ class RejectionLoop(DecodingLoop):
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # its filled slots, at most `window`
         self.seen = 0  # steps taken (the host's own count)
         self.rejected = torch.zeros((), dtype=torch.long, device=device)  # candidates turned down, over the run
+        self.invalid = torch.zeros((), dtype=torch.bool, device=device)  # a NaN in a distribution or a saliency
 
     def step_logits(self, input_ids, step):
         with torch.enable_grad():
@@ -84,6 +86,7 @@ class RejectionLoop(DecodingLoop):
         with torch.enable_grad():
             sal = saliencies(self.logits, candidates, self.rows, keys)
         self.rows = None
+        self.invalid |= probs.isnan().any() | sal.isnan().any()  # checked in `finish`: no step reads it
         _detach_cache(compat.cache_of(self.kwargs))
         if self.seen == 0:  # the step number, known on the host: the prompt's step, never a replayed one
             pick = sample(probs) if self.config.do_sample else scores.argmax(dim=-1)  # generate's own rule
@@ -101,7 +104,9 @@ class RejectionLoop(DecodingLoop):
         self.end.add_(1)
 
     def finish(self):
-        self.method.last_rejected = int(self.rejected)  # the run's one read of the device on the host
+        invalid, self.method.last_rejected = self.invalid.item(), int(self.rejected)  # the run's reads of the device
+        if invalid:
+            raise CannotAct("sgrs: a step's next-token distribution or saliencies held NaN, so its choices are void")
 
     def _recent_mean(self):
         """(B, 1) the mean of the filled part of the ring: each prefix's own mean, in the order of operations of
