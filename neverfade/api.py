@@ -86,6 +86,7 @@ class Captioner:
         self.attention_probe: ImageAttentionShare | None = None
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
+        self.compile = False  # compile the static loop's decode step with torch.compile (see `generate`); opt-in
         self.attention = attention
         if self.paper is not None and self.paper.pad_to_square:
             self.processor.image_processor = family.square_padding(self.processor.image_processor)
@@ -265,11 +266,13 @@ class Captioner:
             return "static"
         if self.model.device.type == "cuda":
             return "captured"
-        return "static" if self.decode == "captured" else "eager"
+        return "static" if self.decode == "captured" or self.compile else "eager"  # compile: the static loop's step
 
     def generate(self, **inputs_and_kwargs):
         """`model.generate` with the attached methods' decoding loop, or the captured decode path."""
         path = self.decode_path()
+        if self.compile:
+            self.check_compile(path, inputs_and_kwargs.get("num_beams", 1))
         if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":
             _log_once(f"neverfade: {self._not_captured_reason(path)}; decode steps run eagerly (not captured)")
         if path in ("strategy", "captured", "static") and inputs_and_kwargs.get("streamer") is not None:
@@ -282,7 +285,8 @@ class Captioner:
         elif path in ("captured", "static") and inputs_and_kwargs.get("num_beams", 1) == 1:
             inputs_and_kwargs.setdefault("cache_implementation", "static")
             inputs_and_kwargs.setdefault(
-                "custom_generate", decoding.custom_generate("static", capture=path == "captured")
+                "custom_generate",
+                decoding.custom_generate("static", capture=path == "captured", compile=self.compile),
             )
         out = self.model.generate(**inputs_and_kwargs)
         if self.engine is not None:
@@ -290,6 +294,24 @@ class Captioner:
             prompt = inputs_and_kwargs.get("input_ids")
             self.engine.check_decoded(sequences.shape[1] - (prompt.shape[1] if prompt is not None else 0))
         return out
+
+    def check_compile(self, path: str | None = None, num_beams: int = 1) -> None:
+        """With `compile`: refuse (CompileRefused, one line naming why) a run whose decode steps would not run the
+        compiled step: only the static loop's step is compiled (on CUDA inside the captured graph)."""
+        from neverfade.decoding.captured import CompileRefused
+
+        path = path or self.decode_path()
+        why = None
+        if path == "strategy" or (path == "eager" and self.engine is not None and not self.engine.capturable):
+            why = self._not_captured_reason(path)
+        elif path == "eager":
+            why = "decode='eager' (--decode eager) runs generate's own loop"
+        elif num_beams != 1:
+            why = "beam search runs generate's own loop"
+        elif self.engine is not None and self.engine.fused:
+            why = "the fused attention kernel has not been run inside torch.compile; use attention='explicit'"
+        if why:
+            raise CompileRefused(f"compile=True (--compile) compiles the static loop's decode step, and {why}")
 
     def _not_captured_reason(self, path: str) -> str:
         """Why a CUDA run decodes eagerly: a method's own loop, or a method's per-step state on the host."""

@@ -26,7 +26,7 @@ CORE = {
     "test_paper.py",
 }
 
-SLOW = {"test_crash.py", "test_distributed.py"}  # whole CLI processes, killed and resumed
+SLOW = {"test_crash.py", "test_distributed.py", "test_compile.py"}  # CLI processes killed and resumed; torch.compile
 BROWSER = {"test_demo.py"}  # headless Chromium
 
 

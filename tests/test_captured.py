@@ -125,6 +125,15 @@ def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
         assert r["tokens_per_s"] == pytest.approx(2 * 1000 / r["ms_per_token"], rel=1e-2)
     assert rows["sparc"]["path"] == "static" and rows["stock generate"]["path"] == "eager"
     c = neverfade.load(tiny_models["llava"], device="cpu")
+    # the weight-read floor: the parameters' bytes (buffers left out) over the timed copy's bandwidth, per model
+    model = report["models"][tiny_models["llava"]]
+    assert model["weight_bytes"] == sum(p.nbytes for p in c.model.parameters()) > 0
+    floor = model["weight_bytes"] / (report["environment"]["copy_gb_per_s"] * 1e9) * 1000
+    assert model["floor_ms_per_token"] == pytest.approx(floor, rel=1e-2) and floor > 0
+    for r in rows.values():
+        assert r["floor_ms_per_token"] == model["floor_ms_per_token"]
+        assert r["x_floor"] == pytest.approx(r["ms_per_token"] / r["floor_ms_per_token"], rel=1e-3, abs=1e-3)
+        assert not r["compiled"] and "compile_s" not in r
     ids = c.inputs(make_images()[:1] * 2)["input_ids"]  # the bench's images share one size
     image = ids == c.model.config.image_token_id
     positions = image.any(0).nonzero().flatten()
@@ -138,7 +147,8 @@ def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
         ("sparc", "eager", True),
         ("naive+locore", "eager", True),
     ]
-    assert "x baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x baseline" in printed and "x floor" in printed and f"floor {tiny_models['llava']}: " in printed
 
 
 def test_a_step_that_cannot_be_captured_is_an_error_naming_the_versions(tiny_models):

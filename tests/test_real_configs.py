@@ -107,7 +107,7 @@ def test_a_decode_step_reaches_every_layer_at_real_shapes(meta_model):
             **compat.with_cache({}, cache),
         )
         assert cache.get_seq_length() == prompt
-        engine.batch.step = 1
+        engine.batch.step, engine.batch.decoding = 1, True  # as the engine's pre-hook sets them
         for m in engine.hooks:
             m.begin_step(engine.batch)
         out = decoder(

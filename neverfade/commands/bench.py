@@ -78,10 +78,18 @@ def add_parser(sub) -> None:
         "--check",
         action="store_true",
         help="also check, per setting, that the decode path gives the same tokens as the same loop run "
-        "eagerly (on a CPU: the static loop against generate's own), over --check-tokens tokens; exit "
-        "status 1 if any differs",
+        "eagerly (on a CPU: the static loop against generate's own), over --check-tokens tokens; with --compile "
+        "the checked run is the compiled one and the reference is not compiled; exit status 1 if any differs",
     )
     p.add_argument("--check-tokens", type=int, default=128, help="default: 128")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each setting's decode step with torch.compile before capture (on a CPU: the static loop's "
+        "step), per batch size; each row reports compile_s, the first decode step's seconds (compiling, or "
+        "loading from the inductor cache). A setting it cannot compile is an error row, never an uncompiled one "
+        "(stock generate is not compiled)",
+    )
     p.add_argument("--out", default="bench.json", help="JSON results (default: bench.json)")
     p.set_defaults(func=run)
 
@@ -112,11 +120,19 @@ def run(args) -> int:
         "environment": environment(device),
         "new_tokens": args.new_tokens,
         "image_size": args.image_size,
+        "compile": args.compile,
+        "models": {},
         "rows": [],
         "checks": [],
     }
+    if args.compile:
+        from neverfade.decoding.captured import inductor_cache_dir
+
+        report["environment"]["inductor_cache"] = inductor_cache_dir()
+    report["environment"]["copy_gb_per_s"] = round(copy_bandwidth(torch.device(device)) / 1e9, 2)
     for model_name in models:
         captioner = _load(model_name, device, args.dtype)
+        report["models"][model_name] = floor(captioner.model, report["environment"]["copy_gb_per_s"] * 1e9)
         try:
             for choice in attention:
                 captioner.attention = choice  # refuses "fused" where Triton cannot run, before any timing
@@ -124,6 +140,8 @@ def run(args) -> int:
             raise UserError(f"--attention: {err}") from None
         for batch_size in args.batch_sizes:
             rows = bench_batch(captioner, model_name, settings, batch_size, args)
+            for row in rows:
+                add_floor(row, report["models"][model_name]["floor_ms_per_token"])
             report["rows"] += rows
             if args.check:
                 report["checks"] += check_batch(captioner, model_name, settings, batch_size, args)
@@ -132,10 +150,16 @@ def run(args) -> int:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     print(table(report["rows"]))
+    for name, m in report["models"].items():
+        print(
+            f"floor {name}: {m['floor_ms_per_token']:.3f} ms/token ({m['weight_bytes'] / 1e9:.4g} GB of weights at "
+            f"{report['environment']['copy_gb_per_s']:g} GB/s, a timed device-to-device copy)"
+        )
     for c in report["checks"]:
         print(
-            f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']} "
-            f"({c.get('attention', 'not run')}) vs {c.get('reference', 'not run')}: "
+            f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']}"
+            + (" compiled " if c.get("compiled") else " ")
+            + f"({c.get('attention', 'not run')}) vs {c.get('reference', 'not run')}: "
             + ("same tokens" if c["same"] else c.get("error") or f"first difference at token {c['first_difference']}")
         )
     print(f"wrote {args.out}", file=sys.stderr)
@@ -171,6 +195,54 @@ def environment(device: str) -> dict:
     }
 
 
+def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes per second of a device-to-device copy (bytes read plus bytes written, over the time), the best of
+    `repeats` after one untimed copy: 1 GiB on CUDA (timed by CUDA events), 64 MiB elsewhere (by the clock)."""
+    import torch
+
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**26)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            _sync(device)
+            started = time.perf_counter()
+            dst.copy_(src)
+            _sync(device)
+            seconds = time.perf_counter() - started
+        best = min(best, seconds)
+    del src, dst
+    return 2 * nbytes / best
+
+
+def weight_bytes(model) -> int:
+    """The bytes of the model's parameters (each shared one once; buffers left out: rotary tables and the like,
+    not weights). The vision tower's are counted too, though a decode step does not read them."""
+    return sum(p.nbytes for p in model.parameters())
+
+
+def floor(model, bandwidth: float) -> dict:
+    """The weight-read floor of a decode step: the weights' bytes read once at the copy bandwidth."""
+    nbytes = weight_bytes(model)
+    return {"weight_bytes": nbytes, "floor_ms_per_token": float(f"{nbytes / bandwidth * 1000:.5g}")}
+
+
+def add_floor(row: dict, floor_ms: float) -> None:
+    """`row` with the model's floor and its ms/token over it (`x_floor`)."""
+    row["floor_ms_per_token"] = floor_ms
+    if "ms_per_token" in row:
+        row["x_floor"] = float(f"{row['ms_per_token'] / floor_ms:.4g}")
+
+
 def _images(batch_size: int, size: int):
     import numpy as np
     from PIL import Image
@@ -198,11 +270,12 @@ def _timed(captioner, inputs, new_tokens: int):
     return time.perf_counter() - start, out
 
 
-def _use(captioner, setting, decode: str):
+def _use(captioner, setting, decode: str, compile: bool = False):
     label, names, params, attention = setting
     captioner.attention = attention
     captioner.use(names, params)
     captioner.decode = "eager" if label == STOCK else decode
+    captioner.compile = compile and label != STOCK
 
 
 def _key(setting) -> str:
@@ -214,18 +287,19 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
     """Time every setting at one batch size, interleaved, best of `repeats`."""
     import torch
 
-    from neverfade.decoding.captured import CaptureFailed
+    from neverfade.decoding.captured import CaptureFailed, CompileRefused
 
     device = captioner.model.device
     inputs = captioner.inputs(_images(batch_size, args.image_size))
     runs = settings + ([(STOCK, [], {}, "auto")] if not args.no_stock else [])
     best: dict[str, dict] = {}
+    compile_s: dict[str, float] = {}  # per setting: the longest first decode step (the one that compiled)
     for repeat in range(args.repeats + 1):  # the first round warms up kernels and allocators, untimed
         for setting in runs:
             label = _key(setting)
             if label in best and (best[label].get("error") or best[label]["path"] in SLOW):
                 continue  # the slow references are timed once
-            _use(captioner, setting, args.decode)
+            _use(captioner, setting, args.decode, args.compile)
             try:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -235,12 +309,18 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
                 best[label] = {"error": "out of memory"}
                 torch.cuda.empty_cache()
                 continue
-            except CaptureFailed as err:
+            except (CaptureFailed, CompileRefused) as err:
                 best[label] = {"error": str(err)}
                 continue
+            loop_compile_s = getattr(captioner.model._neverfade_last_loop, "compile_s", None)
+            if captioner.compile and loop_compile_s is not None:
+                compile_s[label] = max(compile_s.get(label, 0.0), loop_compile_s)
             if not repeat:
                 continue
             row = _row(captioner, label, prefill, total, batch_size, args.new_tokens, out)
+            row["compiled"] = captioner.compile
+            if label in compile_s:
+                row["compile_s"] = round(compile_s[label], 2)
             if label not in best or row["ms_per_token"] < best[label]["ms_per_token"]:
                 best[label] = row
     base = best.get("baseline", {}).get("ms_per_token")
@@ -301,12 +381,12 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
     attention (the fused kernel where asked for): the check is of the replay, not of the kernel."""
     import torch
 
-    from neverfade.decoding.captured import CaptureFailed
+    from neverfade.decoding.captured import CaptureFailed, CompileRefused
 
     inputs = captioner.inputs(_images(batch_size, args.image_size))
     results = []
     for setting in settings:
-        _use(captioner, setting, args.decode)
+        _use(captioner, setting, args.decode, args.compile)
         path = captioner.decode_path()
         if path not in ("captured", "static"):
             continue
@@ -314,19 +394,21 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
         with _reproducible_attention(captioner.model.device):
             try:
                 _, fast = _timed(captioner, inputs, args.check_tokens)
-            except CaptureFailed as err:
+            except (CaptureFailed, CompileRefused) as err:
                 results.append(
                     {
                         "model": model_name,
                         "batch_size": batch_size,
                         "setting": _key(setting),
                         "path": path,
+                        "compiled": captioner.compile,
                         "same": False,
                         "error": str(err),
                     }
                 )
                 continue
             attention = captioner.attention_path() or "sdpa"  # the checked run's; the reference runs the same
+            compiled, captioner.compile = captioner.compile, False  # the reference: not compiled, not captured
             captioner.decode = reference_path
             _, reference = _timed(captioner, inputs, args.check_tokens)
         prompt = inputs["input_ids"].shape[1]
@@ -338,6 +420,7 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
                 "batch_size": batch_size,
                 "setting": _key(setting),
                 "path": path,
+                "compiled": compiled,
                 "attention": attention,
                 "reference": reference_path,
                 "tokens": int(fast.numel()),
@@ -379,6 +462,8 @@ def table(rows: list[dict]) -> str:
         "ms/token",
         "tokens/s",
         "x baseline",
+        "x floor",
+        "compile s",
         "peak GiB",
         "state floats/img token",
     ]
@@ -386,18 +471,20 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         state = ", ".join(f"{k} {v:g}" for k, v in r.get("state_floats_per_image_token", {}).items())
         if "error" in r:
-            lines.append([r["model"], str(r["batch_size"]), r["setting"], r["error"], "", "", "", "", "", ""])
+            lines.append([r["model"], str(r["batch_size"]), r["setting"], r["error"]] + [""] * 8)
             continue
         lines.append(
             [
                 r["model"],
                 str(r["batch_size"]),
                 r["setting"],
-                r["path"],
+                r["path"] + ("+compiled" if r.get("compiled") else ""),
                 r["attention"],
                 f"{r['ms_per_token']:.2f}",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['overhead']:.3f}" if "overhead" in r else "",
+                f"{r['x_floor']:.2f}" if "x_floor" in r else "",
+                f"{r['compile_s']:.1f}" if "compile_s" in r else "",
                 f"{r['peak_gib']:.2f}" if "peak_gib" in r else "",
                 state,
             ]

@@ -61,6 +61,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "methods allow, on CUDA), eager (generate's own loop), static (the captured loop run "
         "eagerly)",
     )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the static loop's decode step with torch.compile (on CUDA the captured graph then replays the "
+        "compiled kernels; on a CPU it takes the static loop): opt-in, its first step per batch size and method "
+        "setting compiles (kernels cached in $TORCHINDUCTOR_CACHE_DIR, default under neverfade's cache folder); "
+        "a setting whose steps it cannot compile is refused",
+    )
 
 
 def add_method_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
@@ -188,6 +196,9 @@ def load_captioner(args: argparse.Namespace, names: list[str], params: dict[str,
     try:
         captioner = load(args.model, names, params, device=args.device, dtype=args.dtype, paper=args.paper)
         captioner.decode = args.decode
+        captioner.compile = getattr(args, "compile", False)
+        if captioner.compile:
+            captioner.check_compile()  # a setting it cannot compile: one line, before any image is read
     except (ParameterError, UnsupportedModel, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     except OSError as err:

@@ -14,9 +14,17 @@ layer's mask also hides the keys that fell out of its window, and each step move
 
 Without CUDA (or with `capture=False`) the same loop runs the step eagerly: that is the reference the captured
 replay is checked against.
+
+With `compile=True` the decode steps' forward is compiled by torch.compile (inductor, static shapes; transformers'
+own recipe for a static cache compiles the forward the same way): the first decode step compiles it (or finds it in
+inductor's cache, `inductor_cache_dir`), and on CUDA the captured graph then replays the compiled kernels. The
+prefill stays eager. The engine's hook and the loop's buffer updates stay outside the compiled code.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 
@@ -30,14 +38,23 @@ class CaptureFailed(CannotAct):
     """The decode step could not be captured in a CUDA graph: an error, not a quiet slow path."""
 
 
+class CompileRefused(CannotAct):
+    """The decode step was asked to be compiled (`compile=True`, --compile) where neverfade does not compile it: an
+    error naming why, never an uncompiled run that claims to be compiled."""
+
+
 LAYER_KINDS = ("full_attention", "sliding_attention")  # the layer types the loop builds masks for
 
 
 class StaticLoop(DecodingLoop):
-    def __init__(self, capture: bool | None = None, check_every: int = 16, **loop):
-        """`capture`: replay the steps from a CUDA graph (default: on CUDA)."""
+    def __init__(self, capture: bool | None = None, check_every: int = 16, compile: bool = False, **loop):
+        """`capture`: replay the steps from a CUDA graph (default: on CUDA). `compile`: run the decode steps'
+        forward compiled by torch.compile (`compiled_forward`), before any capture."""
         super().__init__(**loop)
         self.capture = capture
+        self.compile = compile
+        self.forward_step = compiled_forward(self.model) if compile else self.model
+        self.compile_s = None  # with `compile`: seconds of the first decode step (compiling it, or finding it cached)
         self.check_every = check_every
         self.graph = self.static = None
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
@@ -109,7 +126,7 @@ class StaticLoop(DecodingLoop):
         torch.logical_and(self.full, self.key_index > self.query - self.window, out=self.sliding)
 
     def _step(self):
-        out = self.model(**self.static)
+        out = self.forward_step(**self.static)
         self.logits.copy_(out.logits[:, -1])
         for name in self.advancing:
             if isinstance(self.static.get(name), torch.Tensor):
@@ -140,6 +157,8 @@ class StaticLoop(DecodingLoop):
                     self._step()
                 self.graph, self.captured = graph, True
                 graph.replay()
+            except CompileRefused:
+                raise
             except Exception as err:
                 raise self._failed(err) from err
         else:
@@ -169,7 +188,74 @@ class StaticLoop(DecodingLoop):
             return logits
         if step == 1:
             self.static = self._buffers(input_ids, self.kwargs)
+            if self.compile:  # this step compiles the forward (or finds it compiled): timed, with the device idle
+                _synchronize(input_ids.device)
+                started = time.perf_counter()
+                logits = self._next_logits(input_ids, input_ids[:, -1], step)
+                _synchronize(input_ids.device)
+                self.compile_s = time.perf_counter() - started
+                return logits
         return self._next_logits(input_ids, input_ids[:, -1], step)
 
     def finish(self):
         self.graph = self.static = self.full = self.sliding = None  # frees the graph's pool and the buffers
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+RECOMPILE_LIMIT = 64  # compiled variants of the decode step per model: batch sizes x method settings x masks
+
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps compiled kernels across runs: $TORCHINDUCTOR_CACHE_DIR where the user set it, else
+    neverfade's cache folder's `inductor` (set in the environment here, before the first compile reads it)."""
+    from neverfade.paths import cache_dir
+
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def compiled_forward(model):
+    """The model's forward for decode steps, compiled by torch.compile once per model and kept on it: one graph,
+    static shapes (a graph break is an error, `CompileRefused`; a new batch size or method setting compiles a
+    variant; one beyond `RECOMPILE_LIMIT` is an error too, never a quiet eager forward). inductor emulates the eager
+    path's rounding of intermediate casts, for the same tokens. Called through the model, so its forward hooks (the
+    engine's step counter) run eagerly around the compiled forward."""
+    compiled = getattr(model, "_neverfade_compiled_forward", None)
+    if compiled is None:
+        inductor_cache_dir()
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.fail_on_recompile_limit_hit = True
+        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+        compiled = model._neverfade_compiled_forward = _Hooked(model, forward)
+    return compiled
+
+
+class _Hooked:
+    """Calls `model` with `forward` in place of its own forward: the hooks stay outside the compiled code."""
+
+    def __init__(self, model, forward):
+        self.model, self.forward = model, forward
+
+    def __call__(self, **inputs):
+        import torch._dynamo.exc as dynamo
+
+        self.model.forward = self.forward
+        try:
+            out = self.model(**inputs)
+        except (dynamo.TorchDynamoException, dynamo.FailOnRecompileLimitHit) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CompileRefused(
+                f"the decode step could not be compiled ({type(err).__name__}: {first}; transformers "
+                f"{compat.VERSION}, torch {torch.__version__}); decode without compile=True (--compile)"
+            ) from err
+        finally:
+            del self.model.forward
+        engine = getattr(self.model, "_neverfade_engine", None)
+        if engine is not None:
+            engine.count_compiled()
+        return out

@@ -34,6 +34,7 @@ class SequenceState:
 class Batch:
     image_mask: torch.Tensor  # (B, P) bool: which prompt keys are image tokens, per sequence (left padding included)
     step: int = 0  # 0 while the prompt is prefilled; t at decode step t (not advanced by a replayed CUDA graph)
+    decoding: bool = False  # from the first decode step on: what code inside a compiled step reads, not `step`
     rows: int = 0  # decode-step attention rows computed for the methods (not advanced by a replayed CUDA graph)
     fused: int = 0  # of those, the rows the fused kernel computed
     query_index: torch.Tensor = None  # () long, on the device: the cache index of the newest query token

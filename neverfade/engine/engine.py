@@ -47,6 +47,7 @@ class Engine:
         self.decode_rows = [self._row_methods(layer, ms) for layer, ms in enumerate(self.decode_layers)]
         self.prefill_rows = [self._row_methods(layer, ms) for layer, ms in enumerate(self.prefill_layers)]
         self._step_cache: dict = {}  # per forward: the methods' combined key edits and the mask bias
+        self.compiled_rows: dict[int, bool] = {}  # layer -> fused: the rows a compiled decode step computes
         self.batch: Batch | None = None  # the batch whose forward is running
         self._batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Batch
         self._hook = None
@@ -126,6 +127,7 @@ class Engine:
                 f"(keyword arguments: {', '.join(sorted(kwargs))}); generate with use_cache=True"
             )
         self._step_cache = {}
+        self.compiled_rows.clear()  # empty when a compiled step starts, as when it was traced (a guard)
         known = self._batches.get(cache, self.batch) if cache is not None else None
         if known is None or input_ids.shape[1] > 1:  # a prompt; no image has a 1-token prompt
             compat.keep_every_key(cache)
@@ -140,6 +142,7 @@ class Engine:
         if input_ids.shape[0] != self.batch.size:
             raise RuntimeError("the batch changed size between steps; beam search is not supported")
         self.batch.step += 1
+        self.batch.decoding = True
         self.batch.query_index.add_(1)
         for m in self.stepping:
             m.begin_step(self.batch)
@@ -189,6 +192,8 @@ class Engine:
         return edits
 
     def _bias(self, attention_mask, keys: int, kv_heads: int, dtype):
+        if torch.compiler.is_compiling():  # the mask's id would be a guard, failing with each new mask buffer
+            return attention.key_bias(attention_mask, keys, kv_heads, dtype)
         key = ("bias", id(attention_mask), keys, kv_heads, dtype)
         if key not in self._step_cache:
             self._step_cache[key] = attention.key_bias(attention_mask, keys, kv_heads, dtype)
@@ -206,13 +211,29 @@ class Engine:
     def _decode_row(self, query, key, value, attention_mask, scaling, layer):
         editors, observers, reweighters = self.decode_rows[layer]
         if self.fused and attention.fused_covers(query, key, value, attention_mask, reweighters):
-            self.batch.fused += 1
+            self._counted(layer, fused=True)
             edits = self._edits(editors, key.shape[2])
             filled = self._filled(key.shape[2])
             return attention.fused_row(
                 query, key, value, attention_mask, scaling, edits, filled, layer, observers, self.batch
             )
+        self._counted(layer, fused=False)
         return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows)
+
+    def _counted(self, layer: int, fused: bool) -> None:
+        """Count a decode step's row in the batch. Inside torch.compile only what the trace saw is noted (a Python
+        counter read there would be a guard, and recompile the step at every step): `count_compiled` adds it."""
+        if torch.compiler.is_compiling():
+            self.compiled_rows[layer] = fused
+        else:
+            self.batch.rows += 1
+            self.batch.fused += fused
+
+    def count_compiled(self) -> None:
+        """After a compiled decode step's forward: its rows, as the trace noted them (`_counted`)."""
+        if self.batch is not None:
+            self.batch.rows += len(self.compiled_rows)
+            self.batch.fused += sum(self.compiled_rows.values())
 
     def _row(self, query, key, value, attention_mask, scaling, layer, rows):
         editors, observers, reweighters = rows[layer]
@@ -235,8 +256,7 @@ class Engine:
         batch = self.batch
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        if query.shape[2] == 1 and batch is not None and batch.step > 0 and self.decode_layers[layer]:
-            batch.rows += 1
+        if query.shape[2] == 1 and batch is not None and batch.decoding and self.decode_layers[layer]:
             return self._decode_row(query, key, value, attention_mask, scaling, layer), None
         out, _ = compat.sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs

@@ -123,7 +123,7 @@ class SPARC(Method):
         span = slice(state.offset, state.offset + state.ema.shape[1])
         image = batch.image_mask[:, span]
         current = probs[..., span].mean(dim=(1, 2)) * image  # (B, S), zero off the image
-        if batch.step > 0:
+        if batch.decoding:  # not `step`: an int read inside a compiled step would recompile it at every step
             rise = (current - state.ema) / torch.where(image, state.ema, 1.0)
             state.count.bitwise_or_(image & (rise >= self.tau))  # no selection is pending here (begin_step)
             state.ema.mul_(self.beta).add_(current, alpha=1.0 - self.beta)

@@ -1,0 +1,98 @@
+"""`compile=True` (--compile): the static loop's decode step compiled by torch.compile (inductor on a CPU here; on
+CUDA the captured graph replays the compiled kernels, which `neverfade bench --compile --check` checks there).
+
+Compiling takes tens of seconds on two cores when inductor's cache is cold, so this module is marked slow
+(tests/conftest.py); CI runs it. Its inductor cache is kept beside pytest's temporary folders, so a second local run
+finds the kernels compiled."""
+
+import json
+
+import pytest
+import torch
+
+import neverfade
+from neverfade.cli import main
+from neverfade.decoding.captured import CompileRefused, StaticLoop, inductor_cache_dir
+from tests.conftest import make_images
+
+STEPS = 6
+SETTINGS = [([], None), (["sparc"], {"sparc": {"tau": 0.05, "alpha": 1.5}})]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def inductor_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "neverfade-inductor"))
+        yield
+
+
+def _tokens(c, inputs):
+    with torch.no_grad():
+        out = c.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    return out[:, -STEPS:]
+
+
+@pytest.mark.parametrize("methods,params", SETTINGS, ids=["baseline", "sparc"])
+def test_compiled_step_gives_the_uncompiled_tokens(tiny_models, methods, params):
+    from torch._dynamo.utils import counters
+
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=methods, method_params=params)
+    inputs = c.inputs(make_images())
+    eager = _tokens(c, inputs)  # generate's own loop: neither the static loop nor compiled
+    c.decode = "static"
+    static = _tokens(c, inputs)
+    c.decode, c.compile = "auto", True
+    assert c.decode_path() == "static"  # on a CPU, compile takes the static loop
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = _tokens(c, inputs)
+    loop = c.model._neverfade_last_loop
+    assert isinstance(loop, StaticLoop) and loop.compile and loop.compile_s > 0
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "one graph, compiled once for every decode step"
+    assert len(set(map(tuple, eager.tolist()))) > 1, "the images must give different outputs"
+    assert torch.equal(compiled, eager) and torch.equal(compiled, static)
+    if methods:  # the methods acted in the compiled steps, and their rows were counted
+        assert c.attention_path() == "explicit"
+        assert c.engine.batch.rows == (STEPS - 1) * sum(1 for layer in c.engine.decode_layers if layer)
+    again = _tokens(c, inputs)  # the compiled step is kept on the model: no compiling again
+    assert torch.equal(again, eager) and counters["stats"]["unique_graphs"] == graphs + 1
+    assert c.model._neverfade_last_loop.compile_s < loop.compile_s
+
+
+def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"])
+    c.compile = True
+    inputs = c.inputs(make_images()[:1])
+    with pytest.raises(CompileRefused, match="sgrs has its own decoding loop") as refused:
+        _tokens(c, inputs)
+    assert "\n" not in str(refused.value)
+    c.use([])
+    c.decode = "eager"
+    with pytest.raises(CompileRefused, match="generate's own loop"):
+        _tokens(c, inputs)
+
+
+def test_the_inductor_cache_is_the_users_or_neverfades(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert inductor_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("NEVERFADE_CACHE", str(tmp_path / "nf"))
+    assert inductor_cache_dir() == str(tmp_path / "nf" / "inductor")
+
+
+def test_bench_compiles_checks_against_eager_and_refuses_what_it_cannot(tiny_models, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", tiny_models["llava"], "--device", "cpu", "--batch-sizes", "2", "--new-tokens", "4"]
+    args += ["--repeats", "1", "--no-stock", "--method", "sgrs", "--compile", "--check", "--check-tokens", "6"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["setting"]: r for r in report["rows"]}
+    assert report["compile"] and report["environment"]["inductor_cache"] == inductor_cache_dir()
+    base = rows["baseline"]
+    assert base["path"] == "static" and base["compiled"] and base["compile_s"] > 0
+    assert base["x_floor"] == pytest.approx(base["ms_per_token"] / base["floor_ms_per_token"], rel=1e-3, abs=1e-3)
+    assert "sgrs has its own decoding loop" in rows["sgrs"]["error"]  # an error row, not an uncompiled one
+    assert [(k["setting"], k["compiled"], k["reference"], k["same"]) for k in report["checks"]] == [
+        ("baseline", True, "eager", True)
+    ]
+    printed = capsys.readouterr().out
+    assert "static+compiled" in printed and "compile s" in printed
