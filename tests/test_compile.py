@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import neverfade
 from neverfade.cli import main
@@ -56,6 +57,9 @@ def test_compiled_step_gives_the_uncompiled_tokens(tiny_models, methods, params)
     again = _tokens(c, inputs)  # the compiled step is kept on the model: no compiling again
     assert torch.equal(again, eager) and counters["stats"]["unique_graphs"] == graphs + 1
     assert c.model._neverfade_last_loop.compile_s < loop.compile_s
+    with sdpa_kernel([SDPBackend.MATH]):  # other SDPA kernels (bench --check pins them): a variant of their own
+        pinned = _tokens(c, inputs)
+    assert torch.equal(pinned, eager) and counters["stats"]["unique_graphs"] == graphs + 2
 
 
 def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):

@@ -230,21 +230,40 @@ def compiled_forward(model):
 
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         dynamo.fail_on_recompile_limit_hit = True
-        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
-        compiled = model._neverfade_compiled_forward = _Hooked(model, forward)
+        step = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+        compiled = model._neverfade_compiled_forward = _Hooked(model, step)
     return compiled
 
 
-class _Hooked:
-    """Calls `model` with `forward` in place of its own forward: the hooks stay outside the compiled code."""
+_ALL_SDPA = (True, True, True, True)
 
-    def __init__(self, model, forward):
-        self.model, self.forward = model, forward
+
+def _sdpa_backends() -> tuple[bool, bool, bool, bool]:
+    """The SDPA kernels enabled now (flash, memory-efficient, math, cuDNN): `sdpa_kernel` sets them."""
+    cuda = torch.backends.cuda
+    return cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled()
+
+
+def _decode_forward(forward, sdpa_backends, inputs):
+    """What is compiled: the model's own forward. torch.compile does not otherwise guard on the SDPA kernels enabled
+    (the kernel is chosen when the step is traced), so the comparison below makes them a guard: a step run under
+    `sdpa_kernel` (bench --check pins it) compiles its own variant instead of replaying a kernel chosen without."""
+    if sdpa_backends != _ALL_SDPA:
+        pass
+    return forward(**inputs)
+
+
+class _Hooked:
+    """Calls `model` with the compiled `step` in place of its forward: the hooks stay outside the compiled code."""
+
+    def __init__(self, model, step):
+        self.model, self.step, self.own = model, step, model.forward
 
     def __call__(self, **inputs):
         import torch._dynamo.exc as dynamo
 
-        self.model.forward = self.forward
+        sdpa = _sdpa_backends()
+        self.model.forward = lambda **kwargs: self.step(self.own, sdpa, kwargs)
         try:
             out = self.model(**inputs)
         except (dynamo.TorchDynamoException, dynamo.FailOnRecompileLimitHit) as err:
