@@ -2,7 +2,9 @@
 tensor on the host. `torch.cuda.set_sync_debug_mode` needs CUDA; this patches, for the duration, the Python entry
 points that read a tensor's values on the host (or make a shape depend on them) so that a call from a module whose
 name starts with `prefix` raises `HostSync`. Calls from transformers or torch pass: only the caller's module counts,
-so a read inside a torch or transformers function that neverfade calls is not seen."""
+so a read inside a torch or transformers function that neverfade calls is not seen. Boolean indexing is watched
+through a TorchFunctionMode instead: setting and then deleting `__getitem__` on torch.Tensor would leave the type
+looking like a sequence to CPython (its `sq_item` slot is not restored), and `torch.tensor([tensor(1)])` breaks."""
 
 from __future__ import annotations
 
@@ -32,8 +34,6 @@ GUARDED = (
     *((torch.Tensor, name, None) for name in ("__bool__", "__int__", "__float__", "__index__")),
     *((torch.Tensor, name, None) for name in ("__repr__", "__format__", "multinomial")),  # printing; multinomial
     (torch.Tensor, "to", lambda args, kwargs: _to_cpu(args[1:], kwargs)),
-    (torch.Tensor, "__getitem__", lambda args, kwargs: _has_bool_index(args[1])),  # boolean indexing
-    (torch.Tensor, "__setitem__", lambda args, kwargs: _has_bool_index(args[1])),
     *((torch, name, None) for name in ("nonzero", "masked_select", "multinomial")),
 )
 
@@ -63,7 +63,8 @@ def no_host_sync(prefix: str = "neverfade", seen: list | None = None):
     try:
         for owner, name, when in GUARDED:
             guard(owner, name, when)
-        yield
+        with _BoolIndexing(prefix, seen):
+            yield
     finally:
         for owner, name, original in reversed(saved):
             if original is _ABSENT:
@@ -73,3 +74,22 @@ def no_host_sync(prefix: str = "neverfade", seen: list | None = None):
 
 
 _ABSENT = object()
+
+
+class _BoolIndexing(torch.overrides.TorchFunctionMode):
+    """Boolean indexing or assignment (a shape that depends on values) from a module named `prefix...`."""
+
+    def __init__(self, prefix, seen):
+        super().__init__()
+        self.prefix, self.seen = prefix, seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _has_bool_index(args[1]):
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith(self.prefix):
+                where = f"{func.__name__} from {module}:{caller.f_lineno} ({caller.f_code.co_name})"
+                if self.seen is not None:
+                    self.seen.append(where)
+                raise HostSync(f"host synchronisation: {where}")
+        return func(*args, **(kwargs or {}))
