@@ -66,7 +66,14 @@ def test_folder_with_bad_images_records_them_and_goes_on(tiny_models, tmp_path):
 
 
 def _run_until_records(cmd, out: Path, at_least: int, sig) -> int:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default, as in a terminal: a shell starts background jobs with it ignored, and so would the child
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= at_least:
