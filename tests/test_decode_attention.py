@@ -74,7 +74,9 @@ def _explicit_row(query, key, value, attended, boost, scale, mask_kind, length):
     return out, seen.probs
 
 
-def _check(case, dtype, device, atol, probs_atol, length_on_device=True):
+def _run(case, dtype, device, length_on_device=True):
+    """The kernel's output and probabilities, and the explicit row's on the same inputs, after the checks that hold in
+    every dtype: the unfilled cache is never read, and asking for no probabilities changes nothing."""
     query, key, value, attended, boost, scale = _inputs(case, dtype, device)
     mask_kind, splits, length = case[7], case[8], case[5]
     expected, expected_probs = _explicit_row(query, key, value, attended, boost, scale, mask_kind, length)
@@ -91,14 +93,19 @@ def _check(case, dtype, device, atol, probs_atol, length_on_device=True):
         query, key, value, query.shape[-1] ** -0.5, filled, mask, boost, scale, return_probs=True, splits=splits
     )
     assert out.shape == expected.shape and out.dtype == expected.dtype
-    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=atol)
-    torch.testing.assert_close(probs[..., :length], expected_probs, atol=probs_atol, rtol=probs_atol)
     assert (probs[..., length:] == 0).all()
     alone, none = decode_attention(
         query, key, value, query.shape[-1] ** -0.5, filled, mask, boost, scale, splits=splits
     )
     assert none is None
     torch.testing.assert_close(alone, out, atol=0, rtol=0)
+    return out, probs[..., :length], expected, expected_probs
+
+
+def _check(case, dtype, device, atol, probs_atol, length_on_device=True):
+    out, probs, expected, expected_probs = _run(case, dtype, device, length_on_device)
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=atol)
+    torch.testing.assert_close(probs, expected_probs, atol=probs_atol, rtol=probs_atol)
 
 
 @INTERPRETER
@@ -115,13 +122,28 @@ def test_kernel_rounds_where_the_explicit_row_rounds_in_float16(case):
     _check(case, torch.float16, "cpu", atol=4e-3, probs_atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
-def test_compiled_kernel_equals_the_explicit_row_on_the_gpu(case, dtype):
-    tolerance = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 1e-4), torch.bfloat16: (3e-2, 1e-3)}[dtype]
-    _check(case, dtype, "cuda", *tolerance)
+def test_compiled_kernel_equals_the_explicit_row_on_the_gpu_in_float32(case):
+    _check(case, torch.float32, "cuda", atol=2e-5, probs_atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
+def test_compiled_kernel_is_as_accurate_as_the_explicit_row_on_the_gpu(case, dtype):
+    """In half precision the compiled kernel sums q.k in another order than cuBLAS, so a logit can round one step
+    of its dtype apart from the row's (a probability then differs by a few percent). So both are measured against
+    the row in float64 on the same inputs: the kernel is no further from it than the row, with half again as slack."""
+    out, probs, expected, expected_probs = _run(case, dtype, "cuda")
+    wide = [t.double() if t is not None and t.is_floating_point() else t for t in _inputs(case, dtype, "cuda")]
+    exact, exact_probs = _explicit_row(*wide, case[7], case[5])
+    for got, row, truth in ((out, expected, exact), (probs, expected_probs, exact_probs)):
+        kernel_error = float((got.double() - truth.double()).abs().max())
+        row_error = float((row.double() - truth.double()).abs().max())
+        assert kernel_error <= 1.5 * row_error + 1e-6, (kernel_error, row_error)
 
 
 @pytest.mark.gpu

@@ -131,7 +131,8 @@ def test_captured_fused_decoding_equals_the_explicit_row_on_the_gpu(tiny_models,
     """The tiny LLaVA with SPARC in every layer on CUDA, decoding captured and fused: the captured replay
     of the fused step gives the tokens of the same loop run eagerly; in float32 it gives the tokens and logits of
     the captured explicit row too. In bfloat16 the kernel rounds the value product where the row does not (see
-    neverfade/kernels/decode_attention.py), so there only the first steps' logits are compared, loosely."""
+    neverfade/kernels/decode_attention.py), and a logit can round one step apart, which may flip SPARC's selection
+    or a near tie later on: there only the first decoded step's logits are compared, loosely."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = {"sparc": {"tau": 0.05, "alpha": 1.5}}
@@ -153,6 +154,6 @@ def test_captured_fused_decoding_equals_the_explicit_row_on_the_gpu(tiny_models,
     if dtype == torch.float32:
         _same(fused, explicit, atol=1e-4)
     else:
-        for f, e in zip(fused.scores[1:3], explicit.scores[1:3]):
-            finite = e.isfinite()
-            torch.testing.assert_close(f[finite], e[finite], atol=0.05 * float(e[finite].abs().max()), rtol=0)
+        f, e = fused.scores[1], explicit.scores[1]  # [0] is the prefill's
+        finite = e.isfinite()
+        torch.testing.assert_close(f[finite], e[finite], atol=0.05 * float(e[finite].abs().max()), rtol=0)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import InternVLProcessor
+from transformers import InternVLProcessor, InternVLVideoProcessor
 
 from neverfade.models.family import Family, TokenGrid, register
-from neverfade.models.processors import IMAGE_ONLY
+from neverfade.models.processors import IMAGE_ONLY, image_only
 
 TEMPLATE = (  # the random models' chat template (Qwen2's, with InternVL's image placeholder)
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -160,5 +160,7 @@ class InternVL(Family):
         image_processor = GotOcr2ImageProcessorPil(  # tiny: up to 4 tiles, so 1, 2 and 2x2 tiles run in the tests
             size={"height": px, "width": px}, crop_to_patches=True, max_patches=4 if tiny else 12
         )
-        processor = InternVLImageOnly(image_processor, tok, config.image_seq_length, TEMPLATE)
-        return config, processor
+        if image_only("InternVLProcessor") is not None:  # where torchvision is missing, no video processor
+            return config, InternVLImageOnly(image_processor, tok, config.image_seq_length, TEMPLATE)
+        video = InternVLVideoProcessor()  # AutoProcessor loads one where torchvision is installed
+        return config, InternVLProcessor(image_processor, tok, video, config.image_seq_length, TEMPLATE)
