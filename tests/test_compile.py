@@ -69,6 +69,17 @@ def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):
     with pytest.raises(CompileRefused, match="sgrs has its own decoding loop") as refused:
         _tokens(c, inputs)
     assert "\n" not in str(refused.value)
+    c.use(["sparc"])
+    c.attention = "fused"  # forced (Triton's interpreter here): torch.compile has not been run over the kernel
+    assert c.engine.compiled and c.engine.fused
+    with pytest.raises(CompileRefused, match="fused attention kernel"):
+        _tokens(c, inputs)
+    c.attention = "auto"  # which a compiled step takes as the explicit row (on CUDA too: fused_runs)
+    assert not c.engine.fused
+    c.compile = False
+    c.attention = "fused"
+    c.compile = True  # set after the engine: it follows
+    assert c.engine.compiled
     c.use([])
     c.decode = "eager"
     with pytest.raises(CompileRefused, match="generate's own loop"):

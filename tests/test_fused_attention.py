@@ -14,6 +14,7 @@ import torch
 
 import neverfade
 from neverfade.engine.attention import fused_covers, fused_runs
+from neverfade.models.random import FAMILIES
 from tests.conftest import make_images
 
 CUDA = torch.cuda.is_available()
@@ -49,7 +50,8 @@ def _same(fused, explicit, atol):
 def test_the_choice_follows_the_device():
     cpu = torch.device("cpu")
     assert not fused_runs("auto", cpu)  # the explicit row is the CPU path
-    assert not fused_runs("auto", torch.device("cuda"))  # opt-in until the kernel passes its GPU tests
+    assert fused_runs("auto", torch.device("cuda"))  # Triton is installed here (the test extra)
+    assert not fused_runs("auto", torch.device("cuda"), compiled=True)  # torch.compile has not run the kernel
     assert not fused_runs("explicit", cpu)
     assert fused_runs("fused", cpu)  # the interpreter, forced (TRITON_INTERPRET=1 here)
     assert not fused_runs("auto", torch.device("meta"))
@@ -100,6 +102,22 @@ def test_fused_decoding_equals_the_explicit_row_on_a_cpu(tiny_models):
         if methods == ["sparc"]:
             assert (c.engine.batch.state(c.methods[0]).count > 0).any(), "SPARC must select from the fused probs"
     assert _decode(c, inputs, "auto", "static", 3)[1] == "explicit"  # auto on a CPU
+
+
+@INTERPRETER
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_decodes_fused_as_with_the_explicit_row(tiny_models, family):
+    """What "auto" takes on CUDA, for each family's own attention (grouped heads, Gemma 3's windowed masks over a
+    cache that keeps every key, Qwen-VL's rotary sections): SPARC on the static loop, every decode-step row fused,
+    the explicit row's tokens and logits to float32 rounding, over a padded batch of two image sizes."""
+    c = neverfade.load(tiny_models[family], device="cpu", methods=["sparc"], method_params=SPARC)
+    inputs = c.inputs(make_images()[:2], PROMPTS)
+    explicit, explicit_path = _decode(c, inputs, "explicit", "static", 12)
+    fused, fused_path = _decode(c, inputs, "fused", "static", 12)
+    assert (explicit_path, fused_path) == ("explicit", "fused")
+    assert c.engine.batch.fused == c.engine.batch.rows > 0
+    assert (c.engine.batch.state(c.methods[0]).count > 0).any(), "SPARC must select from the fused probs"
+    _same(fused, explicit, atol=2e-5)
 
 
 @INTERPRETER

@@ -68,9 +68,9 @@ def add_parser(sub) -> None:
         nargs="+",
         default=["auto"],
         choices=["auto", "fused", "explicit"],
-        help="the decode steps' attention in the layers where a method acts: auto (for now the explicit row: "
-        "the fused kernel is opt-in until it passes its GPU tests), fused (the Triton kernel where it covers the "
-        "call), explicit; several values time each "
+        help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel "
+        "on CUDA where it covers the call, the explicit row elsewhere and with --compile), fused (the kernel), "
+        "explicit (the reference row); several values time each "
         "method setting once per value, side by side (e.g. --attention fused explicit). Each row records the "
         "path taken (default: auto)",
     )

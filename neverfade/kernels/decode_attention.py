@@ -1,5 +1,5 @@
 """One decode step's attention, fused, for the layers where a method acts (Triton). The engine calls it at a decode
-step when asked (`Engine.attention = "fused"`; `neverfade.engine.attention.fused_row`): opt-in until its GPU tests pass.
+step on CUDA (`Engine.attention`, "auto" or "fused"; `neverfade.engine.attention.fused_row`).
 
 One query token per sequence; its query heads are grouped over their KV head (grouped-query attention), and only the
 filled part of a static KV cache is read (`length` keys, a device tensor, so a captured CUDA graph replays it as the
