@@ -166,3 +166,28 @@ def test_a_step_that_cannot_be_captured_is_an_error_naming_the_versions(tiny_mod
     message = str(failed.value)
     assert "\n" not in message and f"transformers {transformers.__version__}" in message
     assert "--decode eager" in message
+
+
+def test_bench_profiles_each_setting_beside_the_baseline(tiny_models, tmp_path, capsys):
+    """--profile on a CPU with the default decode path (generate's own loop there): the profile is of the static
+    loop's step; SPARC's step runs its own operators (its selection's in-place OR) on top of the baseline's."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", tiny_models["llava"], "--device", "cpu", "--batch-sizes", "2", "--new-tokens", "4"]
+    argv += ["--repeats", "1", "--no-stock", "--method", "sparc", "--profile", "--profile-tokens", "5"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["path"] for r in report["rows"]] == ["eager", "eager"]  # what was timed: the CPU's default path
+    base, sparc = report["profiles"]
+    assert (base["setting"], sparc["setting"]) == ("baseline", "sparc")
+    for entry in (base, sparc):
+        p = entry["profile"]
+        assert p["path"] == "static" and p["steps"] == 4 and p["unit"] == "cpu aten operators"
+        assert p["ms_per_step"] == pytest.approx(sum(t for t, _ in p["ops"].values()), abs=1e-3)
+        assert p["ops_per_step"] == pytest.approx(sum(c for _, c in p["ops"].values()), abs=0.05)
+    assert "aten::bitwise_or_" in sparc["profile"]["ops"] and "aten::bitwise_or_" not in base["profile"]["ops"]
+    extra = sparc["beside_baseline"]
+    assert extra["ops_per_step"] == pytest.approx(sparc["profile"]["ops_per_step"] - base["profile"]["ops_per_step"])
+    assert extra["ops_per_step"] > 0 and "beside_baseline" not in base
+    tops = [k["ms_per_step"] for k in extra["top"]]
+    assert tops == sorted(tops, reverse=True)
+    assert "profile " in capsys.readouterr().out

@@ -7,6 +7,8 @@ import platform
 import sys
 import time
 
+from neverfade.commands import bench_profile
+
 DEFAULT_METHODS = ["sparc", "naive", "locore", "sgrs"]
 STOCK = "stock generate"
 SLOW = ("eager", "strategy")  # decode paths timed in one round only: references, not the subject
@@ -90,6 +92,14 @@ def add_parser(sub) -> None:
         "loading from the inductor cache). A setting it cannot compile is an error row, never an uncompiled one "
         "(stock generate is not compiled)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile, per setting and batch size, one decode on the static loop (each kernel launched on its "
+        "own: the kernels a captured step replays) with torch.profiler: the decode step's kernel time and count, "
+        "and the kernels a method adds beside the baseline (JSON `profiles`; on a CPU, ATen operators)",
+    )
+    p.add_argument("--profile-tokens", type=int, default=32, help="new tokens of each profiled decode (default: 32)")
     p.add_argument("--out", default="bench.json", help="JSON results (default: bench.json)")
     p.set_defaults(func=run)
 
@@ -101,8 +111,8 @@ def run(args) -> int:
     from neverfade.errors import UserError
     from neverfade.eval.report import write_json
 
-    if args.new_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1:
-        raise UserError("--new-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
+    if args.new_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1 or args.profile_tokens < 2:
+        raise UserError("--new-tokens and --profile-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     models = args.model or (
@@ -125,6 +135,8 @@ def run(args) -> int:
         "rows": [],
         "checks": [],
     }
+    if args.profile:
+        report["profiles"] = []
     if args.compile:
         from neverfade.decoding.captured import inductor_cache_dir
 
@@ -145,6 +157,8 @@ def run(args) -> int:
             report["rows"] += rows
             if args.check:
                 report["checks"] += check_batch(captioner, model_name, settings, batch_size, args)
+            if args.profile:
+                report["profiles"] += profile_batch(captioner, model_name, settings, batch_size, args)
             write_json(args.out, report)  # after every batch size, so an interrupted bench keeps what it measured
         del captioner
         if device.startswith("cuda"):
@@ -162,6 +176,8 @@ def run(args) -> int:
             + f"({c.get('attention', 'not run')}) vs {c.get('reference', 'not run')}: "
             + ("same tokens" if c["same"] else c.get("error") or f"first difference at token {c['first_difference']}")
         )
+    for entry in report.get("profiles", []):
+        print(bench_profile.summary(entry))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0 if all(c["same"] for c in report["checks"]) else 1
 
@@ -315,7 +331,7 @@ def bench_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
             except (CaptureFailed, CompileRefused) as err:
                 best[label] = {"error": str(err)}
                 continue
-            loop_compile_s = getattr(captioner.model._neverfade_last_loop, "compile_s", None)
+            loop_compile_s = getattr(getattr(captioner.model, "_neverfade_last_loop", None), "compile_s", None)
             if captioner.compile and loop_compile_s is not None:
                 compile_s[label] = max(compile_s.get(label, 0.0), loop_compile_s)
             if not repeat:
@@ -376,6 +392,31 @@ def state_floats_per_image_token(captioner) -> dict[str, float]:
         if tensors:
             out[m.name] = round(sum(t.numel() * t.element_size() for t in tensors) / 4 / image_tokens, 3)
     return out
+
+
+def profile_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
+    """Each setting's decode step profiled (`bench_profile.step_profile`), and the methods' beside the baseline's."""
+    import torch
+
+    inputs = captioner.inputs(_images(batch_size, args.image_size))
+    entries, baseline = [], None
+    for setting in settings:
+        _use(captioner, setting, args.decode)  # not compiled: the profile is of the kernels as launched one by one
+        entry = {"model": model_name, "batch_size": batch_size, "setting": _key(setting)}
+        try:
+            entry["profile"] = bench_profile.step_profile(captioner, inputs, args.profile_tokens)
+        except torch.OutOfMemoryError:
+            entry["error"] = "out of memory"
+            torch.cuda.empty_cache()
+            entries.append(entry)
+            continue
+        entry["attention"] = captioner.attention_path() or "sdpa"
+        if baseline is None:
+            baseline = entry["profile"]
+        else:
+            entry["beside_baseline"] = bench_profile.beside(entry["profile"], baseline)
+        entries.append(entry)
+    return entries
 
 
 def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]:
