@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from neverfade import decoding
 from neverfade.data.images import load_image
@@ -47,6 +49,7 @@ class Generation:
     seconds: float  # the batch's wall time
     records: dict[str, Any]  # probe name -> what it kept of the main branch: (B, steps, ...), step 0 the prompt's
     batch: Any = None  # the engine's Batch of the main branch (its image mask), when a probe watched
+    preprocess_s: float = 0.0  # the batch's processing and move to the device, before generate
 
 
 class PromptTooLong(ValueError):
@@ -86,6 +89,7 @@ class Captioner:
         self.attention_probe: ImageAttentionShare | None = None
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
+        self.processor_lock = threading.Lock()  # `prepare` may run on another thread (the caption runner's)
         self._compile = False
         self.attention = attention
         if self.paper is not None and self.paper.pad_to_square:
@@ -133,15 +137,23 @@ class Captioner:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def inputs(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT):
-        """The processor's batch for `images` (PIL images or paths) and prompts, on the model's device."""
+    def prepare(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT):
+        """The processor's batch for `images` (PIL images or paths) and prompts, on the host. Safe to call from
+        another thread while this one generates (the processor is used under a lock): `neverfade caption` prepares
+        the next batch so while the current one decodes."""
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        inputs = self.processor(
-            text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt", padding=True
-        ).to(self.model.device)
+        with self.processor_lock:
+            return self.processor(
+                text=[self.prompt_text(p) for p in prompts], images=pil, return_tensors="pt", padding=True
+            )
+
+    def inputs(self, images: list, prompt: str | list[str] = DEFAULT_PROMPT, prepared=None):
+        """The processor's batch for `images` and prompts (or the `prepare`d one), on the model's device."""
+        host = prepared if prepared is not None else self.prepare(images, prompt)
+        inputs = BatchFeature(dict(host)).to(self.model.device)  # a new batch: `prepared` is left as it was
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -168,16 +180,19 @@ class Captioner:
         max_new_tokens: int = 512,
         watch: Iterable[Method] = (),
         do_sample: bool = False,
+        prepared=None,
         **generate_kwargs,
     ) -> Generation:
         """Caption `images` with the attached methods while the probes in `watch` (neverfade.probes) observe: the one
-        path under `caption`, `neverfade analyze` and the demo."""
+        path under `caption`, `neverfade analyze` and the demo. `prepared`: `prepare(images, prompt)`, made before."""
         if generate_kwargs.get("num_beams", 1) > 1 and self.engine is not None:
             raise ValueError(
                 "beam search is not supported with attention methods attached (their per-sequence "
                 "state would not follow the beams); use greedy decoding or sampling"
             )
-        inputs = self.inputs(images, prompt)
+        start = time.perf_counter()
+        inputs = self.inputs(images, prompt, prepared)
+        preprocess_s = time.perf_counter() - start
         self.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)
         watch, kept = list(watch), self.probes
         if watch:
@@ -191,7 +206,7 @@ class Captioner:
                 self.watch(*kept)
         new = out[:, inputs["input_ids"].shape[1] :]
         ids = [row[:n] for row, n in zip(new.tolist(), self._count_new_tokens(new))]
-        generation = Generation(inputs, ids, seconds, {})
+        generation = Generation(inputs, ids, seconds, {}, preprocess_s=preprocess_s)
         for probe in watch:
             taken = probe.take_batch() if hasattr(probe, "take_batch") else None
             if taken is not None:
@@ -204,13 +219,16 @@ class Captioner:
         prompt: str | list[str] = DEFAULT_PROMPT,
         max_new_tokens: int = 512,
         do_sample: bool = False,
+        prepared=None,
         **generate_kwargs,
     ) -> list[Caption]:
-        """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image."""
+        """Describe each image. `images`: PIL images or paths; `prompt`: one for all or one per image; `prepared`:
+        `prepare(images, prompt)`, made before (e.g. on another thread)."""
         if not images:
             return []
-        run = self.run(images, prompt, max_new_tokens, do_sample=do_sample, **generate_kwargs)
-        texts = self.processor.batch_decode(run.token_ids, skip_special_tokens=True)
+        run = self.run(images, prompt, max_new_tokens, do_sample=do_sample, prepared=prepared, **generate_kwargs)
+        with self.processor_lock:
+            texts = self.processor.batch_decode(run.token_ids, skip_special_tokens=True)
         shares = self.attention_probe.take() if self.attention_probe else None
         shares = shares.float().tolist() if shares is not None else [None] * len(texts)
         seconds = run.seconds / len(images)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ def caption_items(
     seed: int = 0,
     shard: tuple[int, int] = (0, 1),
     retry_errors: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> set[str]:
     """Describe every item with every run, skipping what `results` (a ResultsFile) already holds for the item as it
     is now (`is_for`; with `retry_errors`, only records without error) and appending to it batch by batch; a record
@@ -68,7 +70,8 @@ def caption_items(
     to the ranks in turn, `shard = (rank, world_size)`, so each batch is the one a single process would form. Each
     (batch, run) draws its random numbers from its own seed, so sampling gives the same records whatever the number
     of ranks and however often the run was resumed. A batch that runs out of memory is split in halves and tried
-    again; an item that runs out of memory alone is recorded with the error."""
+    again; an item that runs out of memory alone is recorded with the error. `timings` (if given) gains the seconds
+    spent per stage: waiting for images, describing, writing, and preparing (on the loader's thread, meanwhile)."""
     import torch
     from tqdm import tqdm
 
@@ -98,9 +101,12 @@ def caption_items(
         disable=None,
     )
     wanted = [[it for it in b if any((it.id, run.id) not in done for run in runs)] for _, b in mine]
-    with ImageLoader(captioner, wanted) as loader:  # the next batch's images load while this one is described
+    clock = timings if timings is not None else {}
+    with BatchLoader(captioner, wanted, prompt) as loader:  # the next batch loads and is prepared meanwhile
         for k, batch in mine:
-            images = loader.next_batch()
+            start = time.perf_counter()
+            images, prepared = loader.next_batch()
+            _add(clock, "waiting for images", start)
             seen: dict[str, list[dict]] = {}
             for run_index, run in enumerate(runs):
                 pending = [it for it in batch if (it.id, run.id) not in done]
@@ -114,9 +120,13 @@ def caption_items(
                 if captioner.methods != run.methods:
                     captioner.use(run.methods)
                 torch.manual_seed(batch_seed(seed, k, run_index))
+                start = time.perf_counter()
+                ready = prepared[1] if prepared is not None and prepared[0] == [it.id for it in ok] else None
                 captions = caption_fitting(
-                    captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok], generate
+                    captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok], generate, ready
                 )
+                _add(clock, "describing", start)
+                start = time.perf_counter()
                 for item, caption in zip(ok, captions):
                     records[item.id] = (
                         record(item, captioner.name, run, error=caption)
@@ -130,10 +140,16 @@ def caption_items(
                 for rec in ordered:
                     seen.setdefault(rec["id"], []).append(rec)
                 bar.update(len(ordered))
+                _add(clock, "writing", start)
             if on_batch is not None and seen:
                 on_batch([it for it in batch if it.id in seen], seen)
+        clock["preparing (meanwhile)"] = clock.get("preparing (meanwhile)", 0.0) + loader.prepare_s
     bar.close()
     return failed
+
+
+def _add(clock: dict[str, float], stage: str, start: float) -> None:
+    clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - start
 
 
 def is_for(record: dict[str, Any], item: Item) -> bool:
@@ -169,55 +185,91 @@ def errors_left(records: list[dict[str, Any]], items: list[Item], runs: list[Run
     )
 
 
-class ImageLoader:
-    """Loads and checks (`usable_image`) the images of each batch in turn on worker threads, one batch ahead of the
-    batch being described. `next_batch()` returns {item id: image or ImageError} for the next list in `batches`."""
+class BatchLoader:
+    """One batch ahead of the batch being described, on worker threads: loads each item's image, then prepares the
+    model's inputs from those that load (`Captioner.prepare`: the processor's work, off the thread that decodes).
+    An image the processor refuses (e.g. Qwen-VL and an aspect ratio beyond 200) becomes an ImageError, found by
+    checking the images one by one only when the batch fails. `next_batch()` returns ({item id: image or
+    ImageError}, (the ids prepared, in order; their host batch) or None). `prepare_s`: the seconds spent preparing."""
 
-    def __init__(self, captioner, batches: list[list[Item]], workers: int = 4):
-        self.captioner, self.batches, self.workers = captioner, iter(batches), workers
+    def __init__(self, captioner, batches: list[list[Item]], prompt: str, workers: int = 4):
+        self.captioner, self.batches, self.prompt, self.workers = captioner, iter(batches), prompt, workers
+        self.prepare_s = 0.0
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="neverfade-images")
+        self.preparer = ThreadPoolExecutor(1, thread_name_prefix="neverfade-prepare")
         self.ahead = self._submit()
         return self
 
     def __exit__(self, *exc):
+        self.preparer.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _submit(self) -> dict | None:
+    def _submit(self):
         batch = next(self.batches, None)
         if batch is None:
             return None
-        return {it.id: self.pool.submit(usable_image, self.captioner, it.image) for it in batch}
+        loads = {it.id: self.pool.submit(load_or_error, it.image) for it in batch}
+        return self.preparer.submit(self._prepare, batch, loads)
 
-    def next_batch(self) -> dict[str, Any]:
+    def _prepare(self, batch: list[Item], loads: dict):
+        start = time.perf_counter()
+        images = {item_id: future.result() for item_id, future in loads.items()}
+        ok = [it for it in batch if not isinstance(images[it.id], ImageError)]
+        prepared = None
+        try:
+            if ok:
+                prepared = self._prepared(ok, images)
+        except Exception:  # noqa: BLE001 - find the images the processor refuses; they become records
+            for it in ok:
+                images[it.id] = refused_image(self.captioner, it.image, images[it.id])
+            ok = [it for it in ok if not isinstance(images[it.id], ImageError)]
+            try:
+                prepared = self._prepared(ok, images) if ok else None
+            except Exception:  # noqa: BLE001 - not any one image: the thread that describes meets it again
+                prepared = None
+        self.prepare_s += time.perf_counter() - start
+        return images, prepared
+
+    def _prepared(self, ok: list[Item], images: dict):
+        host = self.captioner.prepare([images[it.id] for it in ok], [it.prompt or self.prompt for it in ok])
+        return [it.id for it in ok], host
+
+    def next_batch(self):
         current, self.ahead = self.ahead, self._submit()
         if current is None:
             raise StopIteration("no batch left")
-        return {item_id: future.result() for item_id, future in current.items()}
+        return current.result()
 
 
-def usable_image(captioner, path: str):
-    """The image as RGB, or ImageError when it cannot be read or the model's image processor refuses it (e.g.
-    Qwen-VL and an aspect ratio beyond 200), so that one such image is recorded instead of failing its batch."""
+def load_or_error(path: str):
+    """The image as RGB, or the ImageError saying why it cannot be read."""
     try:
-        image = load_image(path)
+        return load_image(path)
     except ImageError as err:
         return err
+
+
+def refused_image(captioner, path: str, image):
+    """`image`, or an ImageError when the model's image processor refuses it alone."""
     processor = getattr(getattr(captioner, "processor", None), "image_processor", None)
-    if processor is not None:
-        try:
+    if processor is None:
+        return image
+    try:
+        with captioner.processor_lock:
             processor(images=[image], return_tensors="pt")
-        except Exception as err:  # noqa: BLE001 - whatever the processor raises, this image is the cause
-            return ImageError(f"the model's image processor refuses {path}: {err}")
+    except Exception as err:  # noqa: BLE001 - whatever the processor raises, this image is the cause
+        return ImageError(f"the model's image processor refuses {path}: {err}")
     return image
 
 
-def caption_fitting(captioner, images: list, prompts: list[str], generate: dict) -> list:
+def caption_fitting(captioner, images: list, prompts: list[str], generate: dict, prepared=None) -> list:
     """Each image's Caption, or an error text for one that runs out of memory even alone or whose prompt leaves no
-    room for the new tokens: a batch that runs out of memory is split in halves, and each half is tried again."""
+    room for the new tokens: a batch that runs out of memory is split in halves, and each half is tried again.
+    `prepared`: `captioner.prepare(images, prompts)`, made before (its halves are prepared again)."""
     import torch
     from tqdm import tqdm
 
@@ -226,7 +278,7 @@ def caption_fitting(captioner, images: list, prompts: list[str], generate: dict)
     if not images:
         return []
     try:
-        return captioner.caption(images, prompts, **generate)
+        return captioner.caption(images, prompts, prepared=prepared, **generate)
     except PromptTooLong as err:
         if len(images) == 1:
             return [str(err)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from neverfade import distributed
@@ -141,7 +143,9 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, resu
     from neverfade.errors import UserError
     from neverfade.methods import ParameterError
 
+    start = time.perf_counter()
     captioner = load_captioner(args, names, params)
+    timings = {"loading the model": time.perf_counter() - start}
     prompt = args.prompt or DEFAULT_PROMPT
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     if args.min_new_tokens:
@@ -170,6 +174,7 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, resu
         seed=args.seed,
         shard=(ranks.rank, ranks.world_size),
         retry_errors=args.retry_errors,
+        timings=timings,
     )
     new = len(results.records) - before if results else 0
     distributed.barrier(ranks)  # every part is complete
@@ -178,6 +183,7 @@ def _describe(args: argparse.Namespace, ranks: Ranks, items, names, params, resu
         total = merge_parts(args.out, input_order(items, runs, args.batch_size), item_score(items))
         left = errors_left(read_records(args.out), items, runs)
     new, failed_count, total, left = distributed.sum_over_ranks(ranks, new, len(failed), total, left)
+    print(time_spent(timings, f"rank {ranks.rank}: " if ranks.parallel else ""), file=sys.stderr)
     if ranks.rank == 0:
         if ranks.parallel:
             print(f"{ranks.world_size} ranks described {new} new; {total} records in {args.out}", file=sys.stderr)
@@ -216,6 +222,26 @@ def _open_results(args: argparse.Namespace, ranks: Ranks) -> tuple[ResultsFile, 
         raise UserError(
             str(err) if isinstance(err, (ValueError, Locked)) else f"cannot write --out {out}: {err.strerror or err}"
         ) from None
+
+
+def time_spent(timings: dict[str, float], prefix: str = "") -> str:
+    """Where the time went, in one line: each stage's seconds, and the process's whole life so far (Linux), so the
+    part outside the stages (start, imports, merging) shows. Preparing runs on another thread, meanwhile."""
+    stages = "; ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+    alive = process_seconds()
+    return f"{prefix}time: {stages}" + (f"; {alive:.0f} s since the process started" if alive is not None else "")
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (to about a second: the boot time's resolution), or None off Linux."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the command name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return time.time() - boot - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _print_batch(items, records) -> None:
