@@ -178,3 +178,20 @@ def test_state_is_one_float32_and_one_int16_per_image_token(tiny_models, family)
             assert per_token == 6
         assert state_floats_per_image_token(c) == {"sparc": round(per_token / 4, 3)}
         assert (state.weight > 1).any()
+
+
+def test_an_attention_the_rows_do_not_compute_is_refused(tiny_models):
+    """Logit soft-capping or attention sinks in a layer where a method acts: the rows would drop them, so the run
+    stops, naming them; in a layer no method touches they go to SDPA as before."""
+    from neverfade.errors import CannotAct
+
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"], method_params={"sparc": {"start": 1}})
+    attentions = [m for m in c.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    q = k = v = torch.randn(1, attentions[0].config.num_attention_heads, 3, attentions[0].head_dim)
+    with pytest.raises(CannotAct, match="softcap"):
+        c.engine.attend(attentions[1], q, k, v, None, None, 0.0, softcap=30.0)
+    out, _ = c.engine.attend(attentions[1], q, k, v, None, None, 0.0, softcap=None, s_aux=None)
+    assert out.shape == (1, 3, q.shape[1], q.shape[-1])
+    assert not c.engine.decode_layers[0] and not c.engine.prefill_layers[0]  # layer 0: no method acts
+    with pytest.raises(ValueError, match="softcap"):  # SDPA's own refusal, as without neverfade
+        c.engine.attend(attentions[0], q, k, v, None, None, 0.0, softcap=30.0)

@@ -16,7 +16,10 @@ from neverfade import compat
 from neverfade.engine import attention
 from neverfade.engine.batch import Batch
 from neverfade.engine.contract import Method, check_flags
+from neverfade.errors import CannotAct
 from neverfade.models.families import ModelInfo, model_info, text_attention_modules
+
+UNTAKEN = ("softcap", "s_aux")  # attention arguments the rows do not compute: logit soft-capping, attention sinks
 
 
 class Engine:
@@ -269,6 +272,12 @@ class Engine:
         batch = self.batch
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
+        changed = [k for k in UNTAKEN if kwargs.get(k) is not None]
+        if changed and (self.decode_layers[layer] or self.prefill_layers[layer]):
+            raise CannotAct(
+                f"layer {layer}'s attention uses {', '.join(changed)}, which neverfade's attention rows do not "
+                "compute: the methods cannot act on this model"
+            )
         if query.shape[2] == 1 and batch is not None and batch.decoding and self.decode_layers[layer]:
             return self._decode_row(query, key, value, attention_mask, scaling, layer), None
         out, _ = compat.sdpa_attention_forward(
