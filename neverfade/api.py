@@ -90,7 +90,7 @@ class Captioner:
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
         self.processor_lock = threading.Lock()  # `prepare` may run on another thread (the caption runner's)
-        self._compile = False
+        self.compile = False  # compile the static loop's decode step with torch.compile (see `generate`); opt-in
         self.attention = attention
         if self.paper is not None and self.paper.pad_to_square:
             self.processor.image_processor = family.square_padding(self.processor.image_processor)
@@ -121,7 +121,7 @@ class Captioner:
         beams = any(m.flags().strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
         probes = [] if beams else [p for p in (self.attention_probe, *self.probes) if p is not None]
         if built or probes:
-            self.engine = Engine(self.model, built, probes, self.attention, self.compile).attach()
+            self.engine = Engine(self.model, built, probes, attention=self.attention).attach()
         return self
 
     def describe(self) -> list[dict[str, Any]]:
@@ -251,21 +251,11 @@ class Captioner:
         self._decode = value
 
     @property
-    def compile(self) -> bool:
-        """Compile the static loop's decode step with torch.compile (see `generate`); opt-in, False by default."""
-        return self._compile
-
-    @compile.setter
-    def compile(self, value: bool) -> None:
-        self._compile = bool(value)
-        if self.engine is not None:
-            self.engine.compiled = self._compile
-
-    @property
     def attention(self) -> str:
         """A decode step's attention in the layers where a method acts: "auto" (the default) takes the fused Triton
-        kernel on CUDA where it covers the call (`neverfade.engine.attention.fused_covers`), and the explicit row
-        elsewhere and in a compiled step; "explicit", always the explicit row (the reference, and the CPU path);
+        kernel on CUDA where it covers the call (`neverfade.engine.attention.fused_covers`; in a compiled step too,
+        as one operator), and the explicit row elsewhere; "explicit", always the explicit row (the reference, and
+        the CPU path);
         "fused", the kernel wherever Triton can run it (on a CPU only in its interpreter, for tests). Layers no
         method touches run SDPA either way."""
         return self._attention
@@ -274,7 +264,7 @@ class Captioner:
     def attention(self, value: str) -> None:
         from neverfade.engine.attention import fused_runs
 
-        fused_runs(value, self.model.device, self.compile)  # refuses an unknown choice, or "fused" where it cannot run
+        fused_runs(value, self.model.device)  # refuses an unknown choice, or "fused" where it cannot run
         self._attention = value
         if self.engine is not None:
             self.engine.attention = value
@@ -337,8 +327,6 @@ class Captioner:
             why = "decode='eager' (--decode eager) runs generate's own loop"
         elif num_beams != 1:
             why = "beam search runs generate's own loop"
-        elif self.engine is not None and self.engine.fused:
-            why = "the fused attention kernel has not been run inside torch.compile; use attention='auto' or 'explicit'"
         if why:
             raise CompileRefused(f"compile=True (--compile) compiles the static loop's decode step, and {why}")
 

@@ -62,6 +62,29 @@ def test_compiled_step_gives_the_uncompiled_tokens(tiny_models, methods, params)
     assert torch.equal(pinned, eager) and counters["stats"]["unique_graphs"] == graphs + 2
 
 
+def test_the_compiled_step_runs_the_fused_kernel_as_one_operator(tiny_models):
+    """SPARC with the fused kernel (Triton's interpreter here, as "auto" takes it on CUDA): torch.compile leaves the
+    kernel's launch whole (a custom operator) and the compiled steps give the uncompiled fused tokens, every row
+    fused and SPARC selecting from the kernel's probabilities."""
+    from torch._dynamo.utils import counters
+
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=SETTINGS[1][0], method_params=SETTINGS[1][1])
+    c.attention, c.decode = "fused", "static"
+    inputs = c.inputs(make_images())
+    fused = _tokens(c, inputs)
+    assert c.attention_path() == "fused"
+    c.attention = "explicit"
+    assert not torch.equal(_tokens(c, inputs), _tokens(c.use([]), inputs)), "SPARC must change the tokens here"
+    c.use(*SETTINGS[1])
+    c.attention, c.compile = "fused", True
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = _tokens(c, inputs)
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and c.model._neverfade_last_loop.compile
+    assert torch.equal(compiled, fused)
+    assert c.attention_path() == "fused" and c.engine.batch.fused == c.engine.batch.rows > 0
+    assert (c.engine.batch.state(c.methods[0]).count > 0).any()
+
+
 def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):
     c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"])
     c.compile = True
@@ -69,17 +92,6 @@ def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):
     with pytest.raises(CompileRefused, match="sgrs has its own decoding loop") as refused:
         _tokens(c, inputs)
     assert "\n" not in str(refused.value)
-    c.use(["sparc"])
-    c.attention = "fused"  # forced (Triton's interpreter here): torch.compile has not been run over the kernel
-    assert c.engine.compiled and c.engine.fused
-    with pytest.raises(CompileRefused, match="fused attention kernel"):
-        _tokens(c, inputs)
-    c.attention = "auto"  # which a compiled step takes as the explicit row (on CUDA too: fused_runs)
-    assert not c.engine.fused
-    c.compile = False
-    c.attention = "fused"
-    c.compile = True  # set after the engine: it follows
-    assert c.engine.compiled
     c.use([])
     c.decode = "eager"
     with pytest.raises(CompileRefused, match="generate's own loop"):

@@ -71,7 +71,7 @@ def add_parser(sub) -> None:
         default=["auto"],
         choices=["auto", "fused", "explicit"],
         help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel "
-        "on CUDA where it covers the call, the explicit row elsewhere and with --compile), fused (the kernel), "
+        "on CUDA where it covers the call, the explicit row elsewhere), fused (the kernel), "
         "explicit (the reference row); several values time each "
         "method setting once per value, side by side (e.g. --attention fused explicit). Each row records the "
         "path taken (default: auto)",

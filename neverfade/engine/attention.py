@@ -82,11 +82,10 @@ def fused_unavailable(device: torch.device) -> str | None:
     return f"Triton compiles for CUDA and interprets on a CPU only with TRITON_INTERPRET=1; the model is on {device}"
 
 
-def fused_runs(choice: str, device: torch.device, compiled: bool = False) -> bool:
+def fused_runs(choice: str, device: torch.device) -> bool:
     """Whether the decode-step rows take the fused kernel on `device` (where `fused_covers` the call) under the
-    engine's `choice`: "fused" anywhere it can run (refused where it cannot); "auto" on CUDA with Triton, unless the
-    step is `compiled` (torch.compile has not been run over the kernel: the explicit row is compiled instead);
-    "explicit" never."""
+    engine's `choice`: "fused" anywhere it can run (refused where it cannot); "auto" on CUDA with Triton (in a
+    compiled step too: the kernel is one operator there); "explicit" never."""
     if choice not in ATTENTION:
         raise ValueError(f"attention must be {', '.join(ATTENTION)}, not {choice!r}")
     if choice == "explicit":
@@ -94,7 +93,7 @@ def fused_runs(choice: str, device: torch.device, compiled: bool = False) -> boo
     why = fused_unavailable(device)
     if choice == "fused" and why:
         raise ValueError(f"attention='fused' cannot run: {why}")
-    return why is None and (choice == "fused" or (device.type == "cuda" and not compiled))
+    return why is None and (choice == "fused" or device.type == "cuda")
 
 
 def fused_covers(query, key, value, attention_mask, reweighters) -> bool:

@@ -25,11 +25,9 @@ UNTAKEN = ("softcap", "s_aux")  # attention arguments the rows do not compute: l
 class Engine:
     """`methods` change the output; `probes` (analysis.probes) only watch, and are left out of `methods`."""
 
-    def __init__(
-        self, model, methods: list[Method], probes: list[Method] = (), attention: str = "auto", compiled: bool = False
-    ):
+    def __init__(self, model, methods: list[Method], probes: list[Method] = (), attention: str = "auto"):
         """`attention`: the decode-step row in the layers where a method acts: "auto" (the fused kernel on CUDA, the
-        explicit row elsewhere and in a `compiled` step), "fused" (the kernel wherever it can run and covers the
+        explicit row elsewhere), "fused" (the kernel wherever it can run and covers the
         call: on a CPU in Triton's interpreter, for tests) or "explicit" (always the explicit row, the reference)."""
         self.model = model
         self.info: ModelInfo = model_info(model)
@@ -57,7 +55,6 @@ class Engine:
         self._batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its Batch
         self._hook = None
         self._previous_impl = None
-        self._compiled = compiled
         self.attention = attention
 
     @property
@@ -66,18 +63,8 @@ class Engine:
 
     @attention.setter
     def attention(self, choice: str) -> None:
-        self.fused = attention.fused_runs(choice, self.model.device, self._compiled)  # refuses what cannot run here
+        self.fused = attention.fused_runs(choice, self.model.device)  # refuses a choice that cannot run here
         self._attention = choice
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the decode step is compiled (torch.compile): "auto" then takes the explicit row."""
-        return self._compiled
-
-    @compiled.setter
-    def compiled(self, value: bool) -> None:
-        self._compiled = bool(value)
-        self.fused = attention.fused_runs(self._attention, self.model.device, self._compiled)
 
     def attention_path(self) -> str | None:
         """The rows the last batch's decode steps took in the methods' layers ("fused", "explicit", or

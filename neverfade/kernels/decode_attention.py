@@ -221,16 +221,37 @@ def decode_attention(
         raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)} do not fit")
     if query.dtype not in _TL_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(f"query, key and value must share one of {list(_TL_DTYPES)}")
-    group = heads // kv_heads
-    device = query.device
     if length is None:
         length = capacity
     if isinstance(length, int):
-        length = torch.tensor([length], device=device)
+        length = torch.tensor([length], device=query.device)
     if length.numel() != 1 or length.dtype.is_floating_point:
         raise ValueError("length: one integer")
     if mask is not None and mask.dim() == 4:
         mask = mask[:, 0, -1, :]
+    for t in (mask, boost, scale):
+        _row(t, b)  # refuses a per-key tensor of the wrong shape
+    if splits is None:
+        splits = default_splits(b, kv_heads, capacity, block_n, query.device)
+    out, probs = _decode_attention_op(
+        query, key, value, float(scaling), length, mask, boost, scale, return_probs, splits, block_n
+    )
+    return out, probs if return_probs else None
+
+
+@torch.library.custom_op(
+    "neverfade::decode_attention",
+    mutates_args=(),
+    schema="(Tensor query, Tensor key, Tensor value, float scaling, Tensor length, Tensor? mask, Tensor? boost, "
+    "Tensor? scale, bool return_probs, int splits, int block_n) -> (Tensor, Tensor)",
+)
+def _decode_attention_op(query, key, value, scaling, length, mask, boost, scale, return_probs, splits, block_n):
+    """The kernels' launch as one operator: torch.compile leaves it whole (its `fake` gives the shapes) and calls it
+    from the compiled step. Returns (out, probs), probs empty (0,) when not asked for."""
+    b, heads, _, dim = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    device = query.device
     if mask is not None and mask.dtype == torch.bool:
         mask_kind, mask = 2, mask.view(torch.uint8)
     else:
@@ -238,8 +259,6 @@ def decode_attention(
     mask, smask_b, smask_t = _row(mask, b)
     boost, sboost_b, sboost_t = _row(boost, b)
     scale, sscale_b, sscale_t = _row(scale, b)
-    if splits is None:
-        splits = default_splits(b, kv_heads, capacity, block_n, device)
     g_pad = max(16, triton.next_power_of_2(group))
     d_pad = max(16, triton.next_power_of_2(dim))
     m = torch.empty(b * kv_heads * splits * g_pad, device=device, dtype=torch.float32)
@@ -271,7 +290,16 @@ def decode_attention(
         KV_HEADS=kv_heads, GROUP=group, DIM=dim, SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, PROBS=return_probs,
     )  # fmt: skip
-    return out, probs
+    return out, probs if return_probs else m.new_empty(0)
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, scaling, length, mask, boost, scale, return_probs, splits, block_n):
+    b, heads, _, dim = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    out = query.new_empty(b, 1, heads, dim, dtype=value.dtype)
+    shape = (b, kv_heads, heads // kv_heads, capacity) if return_probs else (0,)
+    return out, query.new_empty(shape, dtype=torch.float32)
 
 
 __all__ = ["decode_attention", "default_splits"]
