@@ -120,7 +120,7 @@ class Captioner:
         built = build_methods(methods, params)
         beams = any(m.flags().strategy == "beam" for m in built)  # the probe's per-step list cannot follow beams
         probes = [] if beams else [p for p in (self.attention_probe, *self.probes) if p is not None]
-        if built or probes:
+        if built or probes or self.attention == "fused":  # "fused" alone: the baseline on the kernel
             self.engine = Engine(self.model, built, probes, attention=self.attention).attach()
         return self
 
@@ -255,9 +255,10 @@ class Captioner:
         """A decode step's attention in the layers where a method acts: "auto" (the default) takes the fused Triton
         kernel on CUDA where it covers the call (`neverfade.engine.attention.fused_covers`; in a compiled step too,
         as one operator), and the explicit row elsewhere; "explicit", always the explicit row (the reference, and
-        the CPU path);
-        "fused", the kernel wherever Triton can run it (on a CPU only in its interpreter, for tests). Layers no
-        method touches run SDPA either way."""
+        the CPU path); "fused", the kernel wherever Triton can run it (on a CPU only in its interpreter, for
+        tests), and with no method attached in every layer: the baseline on the kernel, which groups the query
+        heads where transformers' SDPA path repeats the keys and values (its tokens may differ from SDPA's in the
+        last bits). Otherwise layers no method touches run SDPA."""
         return self._attention
 
     @attention.setter
@@ -266,12 +267,14 @@ class Captioner:
 
         fused_runs(value, self.model.device)  # refuses an unknown choice, or "fused" where it cannot run
         self._attention = value
-        if self.engine is not None:
+        if self.engine is not None and self.engine.hooks:
             self.engine.attention = value
+        elif (self.engine is not None) != (value == "fused"):  # the baseline on the kernel begins or ends
+            self.use([])
 
     def attention_path(self) -> str | None:
-        """The attention rows the last generate's decode steps took in the methods' layers: "fused", "explicit",
-        "fused+explicit", or None where no method acted in a decode step (the baseline: SDPA throughout)."""
+        """The attention rows the last generate's decode steps took in the methods' layers (every layer for the
+        baseline on the kernel): "fused", "explicit", "fused+explicit", or None where none did (SDPA throughout)."""
         return self.engine.attention_path() if self.engine is not None else None
 
     def decode_path(self) -> str:

@@ -120,6 +120,23 @@ def test_every_family_decodes_fused_as_with_the_explicit_row(tiny_models, family
 
 
 @INTERPRETER
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_baseline_on_the_kernel_gives_sdpas_tokens(tiny_models, family):
+    """attention="fused" with no method: every layer's decode step on the kernel, SDPA's tokens and logits to float32
+    rounding (LLaVA's heads one per KV head, Qwen2-VL's grouped); back to "auto", SDPA alone again."""
+    c = neverfade.load(tiny_models[family], device="cpu")
+    inputs = c.inputs(make_images()[:2], PROMPTS)
+    sdpa, sdpa_path = _decode(c, inputs, "auto", "static", 8)
+    assert sdpa_path is None and c.engine is None
+    fused, fused_path = _decode(c, inputs, "fused", "static", 8)
+    assert fused_path == "fused" and not c.engine.methods
+    assert c.engine.batch.fused == c.engine.batch.rows == 7 * c.engine.info.num_layers
+    _same(fused, sdpa, atol=2e-5)
+    c.attention = "auto"
+    assert c.engine is None
+
+
+@INTERPRETER
 def test_bench_times_fused_and_explicit_side_by_side(tiny_models, tmp_path):
     import json
 
@@ -134,6 +151,7 @@ def test_bench_times_fused_and_explicit_side_by_side(tiny_models, tmp_path):
     rows = {r["setting"]: (r["path"], r["attention"]) for r in report["rows"]}
     assert rows == {
         "baseline": ("static", "sdpa"),
+        "baseline [fused]": ("static", "fused"),
         "naive:start=3 [fused]": ("static", "fused"),
         "naive:start=3 [explicit]": ("static", "explicit"),
     }

@@ -73,8 +73,9 @@ def add_parser(sub) -> None:
         help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel "
         "on CUDA where it covers the call, the explicit row elsewhere), fused (the kernel), "
         "explicit (the reference row); several values time each "
-        "method setting once per value, side by side (e.g. --attention fused explicit). Each row records the "
-        "path taken (default: auto)",
+        "method setting once per value, side by side (e.g. --attention fused explicit). With fused, the baseline "
+        "is also timed on the kernel in every layer ('baseline [fused]'). Each row records the path taken "
+        "(default: auto)",
     )
     p.add_argument(
         "--check",
@@ -121,7 +122,8 @@ def run(args) -> int:
     tuned = params_setting(args, args.method or [])
     specs = [tuned] if tuned else args.method or DEFAULT_METHODS
     attention = list(dict.fromkeys(args.attention))
-    settings = [("baseline", [], {}, "auto")] + [
+    baselines = [("baseline", [], {}, "auto")] + ([("baseline", [], {}, "fused")] if "fused" in attention else [])
+    settings = baselines + [
         (spec, names, params, choice)
         for spec, (names, params) in zip(specs, method_settings(args, specs, "--method"))
         for choice in attention

@@ -140,7 +140,7 @@ def fused_row(query, key, value, attention_mask, scaling, edits, length, layer, 
 
 def neverfade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     engine = getattr(module, "_neverfade_engine", None)
-    if engine is None or not engine.hooks:
+    if engine is None or not engine.active:
         return compat.sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )

@@ -65,6 +65,15 @@ class Engine:
     def attention(self, choice: str) -> None:
         self.fused = attention.fused_runs(choice, self.model.device)  # refuses a choice that cannot run here
         self._attention = choice
+        # the decode steps' rows: in the methods' layers; with no method at all and "fused", in every layer (the
+        # baseline on the kernel)
+        every = not self.hooks and choice == "fused"
+        self.row_layers = [bool(ms) or every for ms in self.decode_layers]
+
+    @property
+    def active(self) -> bool:
+        """Whether any attention call comes to the engine (else they go to SDPA untouched)."""
+        return bool(self.hooks) or any(self.row_layers)
 
     def attention_path(self) -> str | None:
         """The rows the last batch's decode steps took in the methods' layers ("fused", "explicit", or
@@ -154,14 +163,14 @@ class Engine:
     def check_decoded(self, new_tokens: int) -> None:
         """After a generation of `new_tokens` tokens: refuse a run in which the methods could not act (no decode step
         reached the engine, or no decode step's attention came through neverfade's attention function)."""
-        if new_tokens < 2 or not self.hooks:
+        if new_tokens < 2 or not self.active:
             return
         batch = self.batch
         if batch is None or batch.step == 0:
             raise compat.UnsupportedTransformers(
                 f"{new_tokens} tokens were generated, but neverfade saw no decode step: the methods did not act"
             )
-        if batch.rows == 0 and any(self.decode_layers):
+        if batch.rows == 0 and any(self.row_layers):
             raise compat.UnsupportedTransformers(
                 "the decode steps' attention did not come through neverfade's attention function: the methods did "
                 "not act"
@@ -265,7 +274,7 @@ class Engine:
                 f"layer {layer}'s attention uses {', '.join(changed)}, which neverfade's attention rows do not "
                 "compute: the methods cannot act on this model"
             )
-        if query.shape[2] == 1 and batch is not None and batch.decoding and self.decode_layers[layer]:
+        if query.shape[2] == 1 and batch is not None and batch.decoding and self.row_layers[layer]:
             return self._decode_row(query, key, value, attention_mask, scaling, layer), None
         out, _ = compat.sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
