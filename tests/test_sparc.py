@@ -193,5 +193,9 @@ def test_an_attention_the_rows_do_not_compute_is_refused(tiny_models):
     out, _ = c.engine.attend(attentions[1], q, k, v, None, None, 0.0, softcap=None, s_aux=None)
     assert out.shape == (1, 3, q.shape[1], q.shape[-1])
     assert not c.engine.decode_layers[0] and not c.engine.prefill_layers[0]  # layer 0: no method acts
-    with pytest.raises(ValueError, match="softcap"):  # SDPA's own refusal, as without neverfade
+    try:  # SDPA's own answer, as without neverfade: transformers 5.24 refuses softcap, 5.17 ignores it
         c.engine.attend(attentions[0], q, k, v, None, None, 0.0, softcap=30.0)
+    except CannotAct:
+        pytest.fail("a layer no method touches must be left to SDPA")
+    except ValueError as err:
+        assert "softcap" in str(err)
