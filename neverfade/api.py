@@ -49,7 +49,6 @@ class Generation:
     seconds: float  # the batch's wall time
     records: dict[str, Any]  # probe name -> what it kept of the main branch: (B, steps, ...), step 0 the prompt's
     batch: Any = None  # the engine's Batch of the main branch (its image mask), when a probe watched
-    preprocess_s: float = 0.0  # the batch's processing and move to the device, before generate
 
 
 class PromptTooLong(ValueError):
@@ -190,9 +189,7 @@ class Captioner:
                 "beam search is not supported with attention methods attached (their per-sequence "
                 "state would not follow the beams); use greedy decoding or sampling"
             )
-        start = time.perf_counter()
         inputs = self.inputs(images, prompt, prepared)
-        preprocess_s = time.perf_counter() - start
         self.check_room(inputs["attention_mask"].sum(1).tolist(), max_new_tokens)
         watch, kept = list(watch), self.probes
         if watch:
@@ -206,7 +203,7 @@ class Captioner:
                 self.watch(*kept)
         new = out[:, inputs["input_ids"].shape[1] :]
         ids = [row[:n] for row, n in zip(new.tolist(), self._count_new_tokens(new))]
-        generation = Generation(inputs, ids, seconds, {}, preprocess_s=preprocess_s)
+        generation = Generation(inputs, ids, seconds, {})
         for probe in watch:
             taken = probe.take_batch() if hasattr(probe, "take_batch") else None
             if taken is not None:

@@ -28,7 +28,8 @@ def _ops(captioner, inputs, new_tokens: int) -> dict[str, tuple[float, int]]:
         if cuda and e.device_type != DeviceType.CUDA:
             continue
         time_us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        ops[e.key] = (ops.get(e.key, (0.0, 0))[0] + time_us, ops.get(e.key, (0.0, 0))[1] + e.count)
+        time_before, count_before = ops.get(e.key, (0.0, 0))
+        ops[e.key] = (time_before + time_us, count_before + e.count)
     return ops
 
 

@@ -268,8 +268,8 @@ class Engine:
         batch = self.batch
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        changed = [k for k in UNTAKEN if kwargs.get(k) is not None]
-        if changed and (self.decode_layers[layer] or self.prefill_layers[layer]):
+        acting = self.decode_layers[layer] or self.prefill_layers[layer]
+        if acting and (changed := [k for k in UNTAKEN if kwargs.get(k) is not None]):
             raise CannotAct(
                 f"layer {layer}'s attention uses {', '.join(changed)}, which neverfade's attention rows do not "
                 "compute: the methods cannot act on this model"
