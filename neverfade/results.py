@@ -68,16 +68,17 @@ def read_records(path: str | Path, keys: tuple[str, ...] = RECORD_KEYS) -> list[
     return records
 
 
-def lock(path: str | Path):
+def lock(path: str | Path, shared: bool = False):
     """`path` (created when missing) opened for appending and locked for as long as the file object is open; Locked
-    when another process holds it. The lock follows the name: when another run put a new file in its place
+    when another process holds it (`shared`: a lock several processes can hold at once, as the shards of one run
+    do, but not beside an exclusive one). The lock follows the name: when another run put a new file in its place
     (merge_parts) after this one opened it, the new file is the one locked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(path, "ab")  # noqa: SIM115 (returned to the caller, who holds the lock while it is open)
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(f.fileno())
             f.close()

@@ -60,6 +60,7 @@ def caption_items(
     shard: tuple[int, int] = (0, 1),
     retry_errors: bool = False,
     timings: dict[str, float] | None = None,
+    fixed_shards: bool = False,
 ) -> set[str]:
     """Describe every item with every run, skipping what `results` (a ResultsFile) already holds for the item as it
     is now (`is_for`; with `retry_errors`, only records without error) and appending to it batch by batch; a record
@@ -67,7 +68,8 @@ def caption_items(
     batch. Returns the ids that failed.
 
     The items are cut into batches of `batch_size` in input order; the batches with something left to do are dealt
-    to the ranks in turn, `shard = (rank, world_size)`, so each batch is the one a single process would form. Each
+    to the ranks in turn, `shard = (rank, world_size)`, so each batch is the one a single process would form; with
+    `fixed_shards`, batch k is rank k % world_size's whatever is done (processes that start apart, `--shard`). Each
     (batch, run) draws its random numbers from its own seed, so sampling gives the same records whatever the number
     of ranks and however often the run was resumed. A batch that runs out of memory is split in halves and tried
     again; an item that runs out of memory alone is recorded with the error. `timings` (if given) gains the seconds
@@ -87,7 +89,7 @@ def caption_items(
     }
     batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
     left = [(k, b) for k, b in enumerate(batches) if any((it.id, run.id) not in done for it in b for run in runs)]
-    mine = left[rank::world_size]
+    mine = [(k, b) for k, b in left if k % world_size == rank] if fixed_shards else left[rank::world_size]
     todo = sum((item.id, run.id) not in done for _, batch in mine for item in batch for run in runs)
     already = sum((item.id, run.id) in done for item in items for run in runs)
     if already and rank == 0:

@@ -78,6 +78,48 @@ def test_rerun_resumes_without_captioning_again(report, capsys):
     assert json.loads(out.read_text())["runs"]["sparc"]["overall"] == data["runs"]["sparc"]["overall"]
 
 
+def test_shards_split_the_batches_and_the_plain_run_scores_them(report, tmp_path, capsys):
+    """Two --shard processes describe alternate batches into part files and score nothing; the run without --shard
+    then describes nothing new, folds the parts in and scores as one process did."""
+    from neverfade.results import part_files
+
+    _, data, args = report
+    out, captions = tmp_path / "s.json", tmp_path / "s.captions.jsonl"
+    runs = ["baseline", "naive"]
+    base = [a for a in args[: args.index("--out")]] + ["--out", str(out)] + [a for r in runs for a in ("--run", r)]
+    for k in (0, 1):
+        assert main(base + ["--shard", f"{k}/2"]) == 0
+    assert not out.exists()
+    parts = part_files(captions)
+    assert [p.name for p in parts] == ["rank-00000-of-00002.jsonl", "rank-00001-of-00002.jsonl"]
+    for k, part in enumerate(parts):  # batch k of 25 scenes, both runs
+        ids = {int(r["id"].split("-")[1]) for r in read_records(part)}
+        assert len(read_records(part)) == 50 and ids == set(range(25 * k, 25 * k + 25))
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "resuming: 100 records already done" in capsys.readouterr().err  # every (scene, run) of 50 x 2
+    assert len(read_records(captions)) == 100 and part_files(captions) == []
+    scored = json.loads(out.read_text())["runs"]
+    for label in runs:
+        assert scored[label]["overall"] == data["runs"][label]["overall"]
+
+
+def test_a_shard_refuses_while_a_plain_run_holds_the_captions(tmp_path):
+    from neverfade.results import Locked, lock
+
+    path = tmp_path / "c.jsonl"
+    with lock(path, shared=True), lock(path, shared=True), pytest.raises(Locked):  # shards share it, a plain run not
+        lock(path)
+    with lock(path), pytest.raises(Locked):
+        lock(path, shared=True)
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "1", "a/b"])
+def test_bad_shard(text, capsys):
+    assert main(["eval", "scenes", "--n", "2", f"--shard={text}"]) == 2
+    assert "--shard" in capsys.readouterr().err
+
+
 def test_run_specs_carry_values():
     from neverfade.methods import ParameterError
     from neverfade.methods.spec import parse_run

@@ -34,6 +34,14 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention-layer", type=int, help="layer for the attention share (default: SPARC's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="describe only this process's share of the batches (K, K+N, K+2N, ...; K from 0) into the captions' "
+        "parts folder (CAPTIONS.parts/), and stop without scoring: N processes split one run without torchrun, "
+        "several on one GPU for a small model or one per machine. Once every shard is done, the same command "
+        "without --shard folds the parts into the captions, describes what is still missing and scores",
+    )
     add_world_option(p)
     add_model_options(p)
     add_method_options(p, with_method=False)
@@ -51,12 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from neverfade.eval.report import write_json
     from neverfade.eval.scenes import evaluate, format_report
     from neverfade.methods import ParameterError, build_methods
-    from neverfade.results import ResultsFile
-    from neverfade.runner import caption_items, prepare_runs
+    from neverfade.results import ResultsFile, lock, merge_parts, part_files, part_path
+    from neverfade.runner import caption_items, input_order, item_score, prepare_runs
 
     for name in ("n", "max_new_tokens", "batch_size", "bootstrap"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    shard = parse_shard(args.shard) if args.shard else None
     tuned = params_setting(args, [], "--run")
     specs = args.run or (["baseline"] if tuned else list(DEFAULT_RUNS))
     if tuned is not None and tuned not in specs:
@@ -78,23 +87,58 @@ def run(args: argparse.Namespace) -> int:
     except ParameterError as err:
         raise UserError(str(err)) from None
     captions_path = args.captions or str(Path(args.out).with_suffix("")) + ".captions.jsonl"
+    shared = None
     try:
-        results = ResultsFile(captions_path)
+        if shard is not None:  # the shards share the captions' lock, so no run folds their parts in meanwhile
+            shared = lock(captions_path, shared=True)
+        own = part_path(captions_path, *shard) if shard is not None else captions_path
+        results = ResultsFile(own, also=[captions_path, *part_files(captions_path)])
     except (ValueError, OSError) as err:
+        if shared is not None:
+            shared.close()
         raise UserError(f"--captions {captions_path}: {err}") from None
     with results:
-        caption_items(
-            captioner,
-            items,
-            runs,
-            prompt=DEFAULT_PROMPT,
-            generate=generate,
-            batch_size=args.batch_size,
-            results=results,
-        )
-    report = evaluate(results.records, items, runs, specs, n_boot=args.bootstrap, world=world)
+        try:
+            before = len(results.records)
+            caption_items(
+                captioner,
+                items,
+                runs,
+                prompt=DEFAULT_PROMPT,
+                generate=generate,
+                batch_size=args.batch_size,
+                results=results,
+                shard=shard or (0, 1),
+                fixed_shards=True,
+            )
+        finally:
+            if shared is not None:
+                shared.close()
+        if shard is not None:
+            print(
+                f"shard {args.shard}: {len(results.records) - before} records described into {results.path}; once "
+                f"every shard is done, run the same command without --shard to score",
+                file=sys.stderr,
+            )
+            return 0
+        records = results.records
+        merge_parts(captions_path, input_order(items, runs, args.batch_size), item_score(items))
+    report = evaluate(records, items, runs, specs, n_boot=args.bootstrap, world=world)
     report["model"], report["captions"] = captioner.name, captions_path
     write_json(args.out, report)
     print(format_report(report))
     print(f"\nscores: {args.out}; captions: {captions_path}", file=sys.stderr)
     return 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' as (K, N), with 0 <= K < N."""
+    from neverfade.errors import UserError
+
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard takes K/N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= k < n:
+        raise UserError(f"--shard {text}: K must be at least 0 and below N")
+    return k, n
