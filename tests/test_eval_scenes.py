@@ -104,6 +104,23 @@ def test_shards_split_the_batches_and_the_plain_run_scores_them(report, tmp_path
         assert scored[label]["overall"] == data["runs"][label]["overall"]
 
 
+def test_score_only_scores_the_scenes_described_and_describes_none(report, tmp_path, capsys):
+    _, _, args = report
+    out, captions = tmp_path / "p.json", tmp_path / "p.captions.jsonl"
+    base = [a for a in args[: args.index("--out")]] + ["--out", str(out), "--run", "baseline", "--run", "naive"]
+    assert main(base + ["--score-only"]) == 2  # nothing described yet
+    assert "nothing to score" in capsys.readouterr().err
+    assert main(base + ["--shard", "1/2"]) == 0  # scenes 25..49 only
+    assert main(base + ["--score-only"]) == 0
+    assert len(read_records(captions)) == 50
+    scored = json.loads(out.read_text())
+    assert scored["n_scenes"] == 25
+    recount = [r for r in read_records(captions) if not r["methods"]]
+    said = sum(len(mentioned_objects(r["caption"])) for r in recount)
+    right = sum(len(mentioned_objects(r["caption"]) & make_scene(int(r["id"].split("-")[1])).kinds) for r in recount)
+    assert scored["runs"]["baseline"]["overall"]["precision"] == pytest.approx(right / said)
+
+
 def test_a_shard_refuses_while_a_plain_run_holds_the_captions(tmp_path):
     from neverfade.results import Locked, lock
 

@@ -35,6 +35,12 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--attention-layer", type=int, help="layer for the attention share (default: SPARC's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument(
+        "--score-only",
+        action="store_true",
+        help="describe nothing: score the captions as they are, over the scenes every run has described (a run "
+        "cut short, scored on a machine without its GPU); the report's n_scenes says how many",
+    )
+    p.add_argument(
         "--shard",
         metavar="K/N",
         help="describe only this process's share of the batches (K, K+N, K+2N, ...; K from 0) into the captions' "
@@ -66,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     shard = parse_shard(args.shard) if args.shard else None
+    if shard is not None and args.score_only:
+        raise UserError("--shard describes and --score-only does not: give one of them")
     tuned = params_setting(args, [], "--run")
     specs = args.run or (["baseline"] if tuned else list(DEFAULT_RUNS))
     if tuned is not None and tuned not in specs:
@@ -100,17 +108,18 @@ def run(args: argparse.Namespace) -> int:
     with results:
         try:
             before = len(results.records)
-            caption_items(
-                captioner,
-                items,
-                runs,
-                prompt=DEFAULT_PROMPT,
-                generate=generate,
-                batch_size=args.batch_size,
-                results=results,
-                shard=shard or (0, 1),
-                fixed_shards=True,
-            )
+            if not args.score_only:
+                caption_items(
+                    captioner,
+                    items,
+                    runs,
+                    prompt=DEFAULT_PROMPT,
+                    generate=generate,
+                    batch_size=args.batch_size,
+                    results=results,
+                    shard=shard or (0, 1),
+                    fixed_shards=True,
+                )
         finally:
             if shared is not None:
                 shared.close()
@@ -123,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         records = results.records
         merge_parts(captions_path, input_order(items, runs, args.batch_size), item_score(items))
+    described = [{r["id"] for r in records if r.get("run") == run.id and r.get("caption") is not None} for run in runs]
+    if not set.intersection(*described):
+        raise UserError(f"no scene in {captions_path} is described by every run: nothing to score")
     report = evaluate(records, items, runs, specs, n_boot=args.bootstrap, world=world)
     report["model"], report["captions"] = captioner.name, captions_path
     write_json(args.out, report)
