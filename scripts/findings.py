@@ -83,13 +83,19 @@ def markdown(title: str, defaults: dict, tuned: list[dict], partial: list[dict] 
     for part in partial:
         for label, r in part["runs"].items():
             if r["methods"]:
-                line(label, f"defaults, first {part['n_scenes']} scenes (its own paired baseline)", r)
+                line(label, f"defaults, {part['n_scenes']} scenes (a run of its own, paired with its baseline)", r)
     buckets = [f"{lo}-{hi}" for lo, hi in POSITION_BUCKETS]
     lines += ["", "Attention on the image (%) by caption position (tokens):", ""]
     lines += ["| method | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 1)]
-    for label, r in defaults["runs"].items():
+    rows = list(defaults["runs"].items())
+    rows += [(f"{label} ({part['n_scenes']} scenes)", r) for part in partial for label, r in part["runs"].items()]
+    for label, r in rows:
         a = r["attention_by_position"]
-        lines.append(f"| {label} | " + " | ".join("-" if a[b] is None else f"{100 * a[b]:.2f}" for b in buckets) + " |")
+        if r["methods"] and all(a[b] is None for b in buckets):
+            continue  # recorded by none of its captions (OPERA's beam search)
+        if r["methods"] or label in defaults["runs"]:
+            shares = ("-" if a[b] is None else f"{100 * a[b]:.2f}" for b in buckets)
+            lines.append(f"| {label} | " + " | ".join(shares) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +108,8 @@ def main(argv=None) -> None:
         type=Path,
         nargs="*",
         default=[],
-        help="eval scenes JSONs over fewer scenes (a run cut short), each with its own baseline: rows marked so",
+        help="eval scenes JSONs of separate runs (over all the scenes, or fewer: a run cut short), each with its "
+        "own baseline: rows marked so",
     )
     p.add_argument("--world", default="default")
     p.add_argument("--title", required=True)
