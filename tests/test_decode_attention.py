@@ -165,3 +165,27 @@ def test_compiled_kernel_replays_from_a_cuda_graph_as_the_cache_fills():
         expected, expected_probs = decode_attention(query, key, value, 128**-0.5, filled, **run)
         torch.testing.assert_close(out, expected, atol=0, rtol=0)
         torch.testing.assert_close(probs, expected_probs, atol=0, rtol=0)
+
+
+@INTERPRETER
+def test_torch_compile_leaves_the_launch_untraced(monkeypatch):
+    """The split count is chosen inside the custom operator, at run time: on CUDA it asks the device for its
+    multiprocessor count, a call dynamo cannot trace (a compiled step with the kernel failed on the H200 when the
+    count was chosen in the traced wrapper)."""
+    import neverfade.kernels.decode_attention as kernel
+
+    compiling = []
+
+    def splits(*args):
+        compiling.append(torch.compiler.is_compiling())
+        return 2
+
+    monkeypatch.setattr(kernel, "default_splits", splits)
+    case = CASES[1]
+    query, key, value, attended, _, scale = _inputs(case, torch.float32, "cpu")
+    expected, _ = _explicit_row(query, key, value, attended, None, scale, "bool", case[5])
+    torch._dynamo.reset()
+    step = torch.compile(lambda *a: kernel.decode_attention(*a)[0], fullgraph=True)
+    out = step(query, key, value, query.shape[-1] ** -0.5, torch.tensor([case[5]]), attended, None, scale)
+    assert compiling and not any(compiling)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)

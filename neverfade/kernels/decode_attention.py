@@ -231,10 +231,8 @@ def decode_attention(
         mask = mask[:, 0, -1, :]
     for t in (mask, boost, scale):
         _row(t, b)  # refuses a per-key tensor of the wrong shape
-    if splits is None:
-        splits = default_splits(b, kv_heads, capacity, block_n, query.device)
     out, probs = _decode_attention_op(
-        query, key, value, float(scaling), length, mask, boost, scale, return_probs, splits, block_n
+        query, key, value, float(scaling), length, mask, boost, scale, return_probs, splits or 0, block_n
     )
     return out, probs if return_probs else None
 
@@ -247,11 +245,13 @@ def decode_attention(
 )
 def _decode_attention_op(query, key, value, scaling, length, mask, boost, scale, return_probs, splits, block_n):
     """The kernels' launch as one operator: torch.compile leaves it whole (its `fake` gives the shapes) and calls it
-    from the compiled step. Returns (out, probs), probs empty (0,) when not asked for."""
+    from the compiled step, so nothing here is traced: `splits` 0 is `default_splits`, which asks the device for its
+    multiprocessor count (dynamo cannot trace that call). Returns (out, probs), probs empty (0,) when not asked for."""
     b, heads, _, dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
     group = heads // kv_heads
     device = query.device
+    splits = splits or default_splits(b, kv_heads, capacity, block_n, device)
     if mask is not None and mask.dtype == torch.bool:
         mask_kind, mask = 2, mask.view(torch.uint8)
     else:
