@@ -253,9 +253,9 @@ class Captioner:
         kernel on CUDA where it covers the call (`neverfade.engine.attention.fused_covers`; in a compiled step too,
         as one operator), and the explicit row elsewhere; "explicit", always the explicit row (the reference, and
         the CPU path); "fused", the kernel wherever Triton can run it (on a CPU only in its interpreter, for
-        tests), and with no method attached in every layer: the baseline on the kernel, which groups the query
-        heads where transformers' SDPA path repeats the keys and values (its tokens may differ from SDPA's in the
-        last bits). Otherwise layers no method touches run SDPA."""
+        tests), in every layer, also those no method touches and with no method attached (the baseline on the
+        kernel): it groups the query heads where transformers' SDPA path repeats the keys and values (its tokens may
+        differ from SDPA's in the last bits). Otherwise layers no method touches run SDPA."""
         return self._attention
 
     @attention.setter
@@ -270,8 +270,8 @@ class Captioner:
             self.use([])
 
     def attention_path(self) -> str | None:
-        """The attention rows the last generate's decode steps took in the methods' layers (every layer for the
-        baseline on the kernel): "fused", "explicit", "fused+explicit", or None where none did (SDPA throughout)."""
+        """The attention rows the last generate's decode steps took in the methods' layers (every layer with
+        "fused"): "fused", "explicit", "fused+explicit", or None where none did (SDPA throughout)."""
         return self.engine.attention_path() if self.engine is not None else None
 
     def decode_path(self) -> str:

@@ -137,6 +137,23 @@ def test_the_baseline_on_the_kernel_gives_sdpas_tokens(tiny_models, family):
 
 
 @INTERPRETER
+def test_fused_takes_the_kernel_in_the_layers_no_method_touches_too(tiny_models):
+    """Naive scaling from layer 3 on: "explicit" computes its rows in those layers and leaves the others to SDPA;
+    "fused" takes the kernel in every layer (plain where no method acts), with the same tokens and logits to float32
+    rounding."""
+    params = {"naive": {"alpha": 3.0, "start": 3}}
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["naive"], method_params=params)
+    inputs = c.inputs(make_images()[:2], PROMPTS)
+    layers, acting = c.engine.info.num_layers, sum(map(bool, c.engine.decode_layers))
+    assert 0 < acting < layers
+    explicit, _ = _decode(c, inputs, "explicit", "static", 4)
+    assert c.engine.batch.rows == 3 * acting and c.engine.batch.fused == 0
+    fused, path = _decode(c, inputs, "fused", "static", 4)
+    assert path == "fused" and c.engine.batch.fused == c.engine.batch.rows == 3 * layers
+    _same(fused, explicit, atol=2e-5)
+
+
+@INTERPRETER
 def test_bench_times_fused_and_explicit_side_by_side(tiny_models, tmp_path):
     import json
 

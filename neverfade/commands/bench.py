@@ -73,8 +73,9 @@ def add_parser(sub) -> None:
         help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel "
         "on CUDA where it covers the call, the explicit row elsewhere), fused (the kernel), "
         "explicit (the reference row); several values time each "
-        "method setting once per value, side by side (e.g. --attention fused explicit). With fused, the baseline "
-        "is also timed on the kernel in every layer ('baseline [fused]'). Each row records the path taken "
+        "method setting once per value, side by side (e.g. --attention fused explicit). fused takes the kernel "
+        "in every layer, also those no method touches, and the baseline is then also timed on the kernel "
+        "('baseline [fused]'). Each row records the path taken "
         "(default: auto)",
     )
     p.add_argument(
