@@ -88,14 +88,15 @@ def markdown(title: str, defaults: dict, tuned: list[dict], partial: list[dict] 
     lines += ["", "Attention on the image (%) by caption position (tokens):", ""]
     lines += ["| method | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 1)]
     rows = list(defaults["runs"].items())
-    rows += [(f"{label} ({part['n_scenes']} scenes)", r) for part in partial for label, r in part["runs"].items()]
+    rows += [
+        (f"{label} ({p['n_scenes']} scenes)", r) for p in partial for label, r in p["runs"].items() if r["methods"]
+    ]
     for label, r in rows:
         a = r["attention_by_position"]
-        if r["methods"] and all(a[b] is None for b in buckets):
-            continue  # recorded by none of its captions (OPERA's beam search)
-        if r["methods"] or label in defaults["runs"]:
-            shares = ("-" if a[b] is None else f"{100 * a[b]:.2f}" for b in buckets)
-            lines.append(f"| {label} | " + " | ".join(shares) + " |")
+        if any(a[b] is not None for b in buckets):  # OPERA's beam search records none
+            lines.append(
+                f"| {label} | " + " | ".join("-" if a[b] is None else f"{100 * a[b]:.2f}" for b in buckets) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
