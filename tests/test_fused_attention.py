@@ -154,6 +154,29 @@ def test_fused_takes_the_kernel_in_the_layers_no_method_touches_too(tiny_models)
 
 
 @INTERPRETER
+def test_the_kernel_writes_probabilities_only_where_a_method_observes(tiny_models, monkeypatch):
+    """SPARC scales in layers 1-2 and observes only layer 2: the kernel is asked for the probabilities there alone
+    (each row it writes costs about 5 us on the H200), and SPARC still selects from them."""
+    from neverfade.kernels import decode_attention as kernel
+
+    asked = []
+    plain = kernel.decode_attention
+
+    def spy(*args, return_probs=False, **kwargs):
+        asked.append(return_probs)
+        return plain(*args, return_probs=return_probs, **kwargs)
+
+    monkeypatch.setattr(kernel, "decode_attention", spy)
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"], method_params=SPARC)
+    inputs = c.inputs(make_images()[:2], PROMPTS)
+    _decode(c, inputs, "fused", "static", 4)
+    steps = 3  # the decode steps after the prefill
+    assert len(asked) == steps * c.engine.info.num_layers
+    assert sum(asked) == steps
+    assert (c.engine.batch.state(c.methods[0]).count > 0).any(), "SPARC must select from the probabilities"
+
+
+@INTERPRETER
 def test_bench_times_fused_and_explicit_side_by_side(tiny_models, tmp_path):
     import json
 

@@ -126,6 +126,11 @@ class Method:
         """Whether this method's key edits (key_boost, key_scale) apply in `layer`."""
         return False
 
+    def observes(self, layer: int) -> bool:
+        """Whether `observe` wants `layer`'s row, among the layers this method asks for. The fused kernel writes the
+        probabilities only where some method observes: a method observing one layer says so here."""
+        return True
+
     def new_state(self, batch: Batch) -> Any:
         """A new batch begins (its prefill is about to run): this method's `State` for it."""
         raise NotImplementedError(f"{self.name} declares a State but no new_state")

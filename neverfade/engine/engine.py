@@ -186,7 +186,7 @@ class Engine:
     def _row_methods(self, layer: int, methods: list[Method]):
         """(key editors acting here, observers, reweighters) among a layer's methods."""
         editors = tuple(m for m in methods if m.acts_in(layer) and m.hooks & {"key_boost", "key_scale"})
-        observers = [m for m in methods if "observe" in m.hooks]
+        observers = [m for m in methods if "observe" in m.hooks and m.observes(layer)]
         reweighters = [m for m in methods if "reweight" in m.hooks]
         return editors, observers, reweighters
 

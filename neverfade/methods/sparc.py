@@ -116,9 +116,10 @@ class SPARC(Method):
         count = batch.state(self).count
         count.add_(count & 1)  # the pending selection is applied: 2a + 1 -> 2(a + 1), and none is pending
 
+    def observes(self, layer: int) -> bool:
+        return layer == self.layer  # the probabilities of every other layer are never computed
+
     def observe(self, layer: int, probs: torch.Tensor, batch: Batch) -> None:
-        if layer != self.layer:
-            return
         state = batch.state(self)
         span = slice(state.offset, state.offset + state.ema.shape[1])
         image = batch.image_mask[:, span]
