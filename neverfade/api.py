@@ -274,6 +274,12 @@ class Captioner:
         "fused"): "fused", "explicit", "fused+explicit", or None where none did (SDPA throughout)."""
         return self.engine.attention_path() if self.engine is not None else None
 
+    def decode_stages(self) -> dict[str, float]:
+        """Where the last generate's time went on the static loop (the captured path): seconds of its prefill, eager
+        first step, capture and later steps (`StaticLoop.stage_seconds`); empty after another loop."""
+        stages = getattr(getattr(self.model, "_neverfade_last_loop", None), "stage_seconds", None)
+        return stages() if stages is not None else {}
+
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
         "strategy" (a method's own loop) or "eager"."""
@@ -290,6 +296,7 @@ class Captioner:
     def generate(self, **inputs_and_kwargs):
         """`model.generate` with the attached methods' decoding loop, or the captured decode path."""
         path = self.decode_path()
+        self.model._neverfade_last_loop = None  # set by neverfade's loops (decoding.custom_generate), not generate's
         if self.compile:
             self.check_compile(path, inputs_and_kwargs.get("num_beams", 1))
         if self.model.device.type == "cuda" and path in ("strategy", "eager") and self.decode != "eager":

@@ -128,6 +128,8 @@ def caption_items(
                     captioner, [images[it.id] for it in ok], [it.prompt or prompt for it in ok], generate, ready
                 )
                 _add(clock, "describing", start)
+                for stage, seconds in captioner.decode_stages().items():  # the last generate's (a split batch: one)
+                    clock[f"describing/{stage}"] = clock.get(f"describing/{stage}", 0.0) + seconds
                 start = time.perf_counter()
                 for item, caption in zip(ok, captions):
                     records[item.id] = (

@@ -48,6 +48,32 @@ def test_static_loop_equals_generate(tiny_models, family, methods, params):
         torch.testing.assert_close(e, s, atol=1e-4, rtol=1e-4)
 
 
+def test_the_caption_time_line_splits_describing_into_the_loops_stages(tiny_models, tmp_path, capsys):
+    """`neverfade caption` on the static loop: "describing" is followed by the prefill, the first step, the second and
+    the later steps, summed over the batches, which add up to no more than describing itself; another loop has no
+    stages to give."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(make_images()):
+        image.save(folder / f"{i}.png")
+    args = ["caption", str(folder), "--model", str(tiny_models["llava"]), "--method", "sparc", "--device", "cpu"]
+    args += ["--max-new-tokens", "6", "--min-new-tokens", "6", "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")]
+    assert main([*args, "--decode", "static"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("time:"))
+    describing = line.split("describing ", 1)[1]
+    total = float(describing.split(" s", 1)[0])
+    stages = dict(part.rsplit(" ", 2)[:2] for part in describing.split("(", 1)[1].split(")", 1)[0].split(", "))
+    assert list(stages) == ["prefill", "first step", "second step", "later steps"]
+    assert sum(map(float, stages.values())) <= total + 0.2  # each printed to 0.1 s (a tiny model: often 0.0)
+    c = neverfade.load(tiny_models["llava"], device="cpu")
+    inputs = c.inputs(make_images()[:1])
+    _generate(c, "static", inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert list(c.decode_stages()) == ["prefill", "first step", "second step", "later steps"]
+    assert all(s > 0 for s in c.decode_stages().values())
+    _generate(c, "eager", inputs, max_new_tokens=3, do_sample=False)
+    assert c.decode_stages() == {}
+
+
 def test_static_loop_stops_and_pads_where_generate_does(tiny_models):
     c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sparc"], method_params={"sparc": {"tau": 0.05}})
     inputs = c.inputs(make_images())

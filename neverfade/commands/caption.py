@@ -226,8 +226,18 @@ def _open_results(args: argparse.Namespace, ranks: Ranks) -> tuple[ResultsFile, 
 
 def time_spent(timings: dict[str, float], prefix: str = "") -> str:
     """Where the time went, in one line: each stage's seconds, and the process's whole life so far (Linux), so the
-    part outside the stages (start, imports, merging) shows. Preparing runs on another thread, meanwhile."""
-    stages = "; ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+    part outside the stages (start, imports, merging) shows. Preparing runs on another thread, meanwhile. A stage
+    "outer/inner" is shown in brackets after its outer stage (describing's prefill, first step, capture, later
+    steps: `Captioner.decode_stages`)."""
+    parts = {stage: [] for stage in timings if "/" not in stage}  # "describing/prefill": within describing
+    for stage, seconds in timings.items():
+        if "/" in stage:
+            outer, inner = stage.split("/", 1)
+            parts.setdefault(outer, []).append(f"{inner} {seconds:.1f} s")
+    stages = "; ".join(
+        f"{stage} {timings.get(stage, 0.0):.1f} s" + (f" ({', '.join(parts[stage])})" if parts[stage] else "")
+        for stage in parts
+    )
     alive = process_seconds()
     return f"{prefix}time: {stages}" + (f"; {alive:.0f} s since the process started" if alive is not None else "")
 

@@ -59,6 +59,7 @@ class StaticLoop(DecodingLoop):
         self.graph = self.static = None
         self.captured = False  # whether the steps after the second ran from a graph (for the bench and tests)
         self.full = self.sliding = None  # the masks' buffers: (B, 1, 1, keys), True where a key may be attended
+        self.marks: list = []  # when steps 0-3 began and the run ended: CUDA events (no waiting), else host seconds
 
     # ---- the step's fixed buffers ----
     def _buffers(self, input_ids, kwargs):
@@ -180,7 +181,29 @@ class StaticLoop(DecodingLoop):
         compat.keep_every_key(compat.cache_of(model_kwargs))  # before the prefill fills it, with or without methods
         super().start(input_ids, model_kwargs)
 
+    def _mark(self, device) -> None:
+        if device.type == "cuda":
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Where the last run's time went: the prefill, the eager first decode step (compiling it with `compile`),
+        the second (captured, with the capture's host time), and the later steps (replays); each from when its
+        step began to when the next began (the token's choice included), on the GPU's clock on CUDA. Read after
+        the run: the events are waited for here, never during it."""
+        names = ("prefill", "first step", "capture" if self.captured else "second step", "later steps")
+        if self.marks and isinstance(self.marks[0], torch.cuda.Event):
+            self.marks[-1].synchronize()
+            spans = [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            spans = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return dict(zip(names, spans))
+
     def step_logits(self, input_ids, step):
+        if step < 4:
+            self._mark(input_ids.device)
         if step == 0:
             out, self.kwargs = self.forward(input_ids, self.kwargs, first=True)
             logits = out.logits[:, -1].float()
@@ -198,6 +221,7 @@ class StaticLoop(DecodingLoop):
         return self._next_logits(input_ids, input_ids[:, -1], step)
 
     def finish(self):
+        self._mark(self.logits.device)
         self.graph = self.static = self.full = self.sliding = None  # frees the graph's pool and the buffers
 
 
