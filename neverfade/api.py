@@ -249,13 +249,14 @@ class Captioner:
 
     @property
     def attention(self) -> str:
-        """A decode step's attention in the layers where a method acts: "auto" (the default) takes the fused Triton
-        kernel on CUDA where it covers the call (`neverfade.engine.attention.fused_covers`; in a compiled step too,
-        as one operator), and the explicit row elsewhere; "explicit", always the explicit row (the reference, and
-        the CPU path); "fused", the kernel wherever Triton can run it (on a CPU only in its interpreter, for
-        tests), in every layer, also those no method touches and with no method attached (the baseline on the
-        kernel): it groups the query heads where transformers' SDPA path repeats the keys and values (its tokens may
-        differ from SDPA's in the last bits). Otherwise layers no method touches run SDPA."""
+        """A decode step's attention: "auto" (the default) takes the fused Triton kernel on CUDA where it covers the
+        call (`neverfade.engine.attention.fused_covers`; in a compiled step too, as one operator), in every layer
+        while a method is attached, and elsewhere the explicit row in the methods' layers; "explicit", always the
+        explicit row in the methods' layers (the reference, and the CPU path); "fused", the kernel wherever Triton
+        can run it (on a CPU only in its interpreter, for tests), in every layer, also with no method attached (the
+        baseline on the kernel). The kernel groups the query heads where transformers' SDPA path repeats the keys
+        and values (its tokens may differ from SDPA's in the last bits). Layers without a row run SDPA, as does the
+        baseline under "auto" and "explicit"."""
         return self._attention
 
     @attention.setter

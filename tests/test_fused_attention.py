@@ -154,6 +154,26 @@ def test_fused_takes_the_kernel_in_the_layers_no_method_touches_too(tiny_models)
 
 
 @INTERPRETER
+def test_auto_takes_the_kernel_in_every_layer_where_it_runs(tiny_models, monkeypatch):
+    """ "auto" where the kernel runs (CUDA; here the interpreter stands in for it) decodes every layer on the kernel
+    while a method is attached, the layers no method touches too, as "fused" does; the baseline stays on SDPA."""
+    from neverfade.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module.attention, "fused_runs", lambda choice, device: choice != "explicit")
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["naive"], method_params={"naive": {"start": 3}})
+    inputs = c.inputs(make_images()[:2], PROMPTS)
+    layers, acting = c.engine.info.num_layers, sum(map(bool, c.engine.decode_layers))
+    assert 0 < acting < layers
+    _, path = _decode(c, inputs, "auto", "static", 3)
+    assert path == "fused" and c.engine.batch.fused == c.engine.batch.rows == 2 * layers
+    _, path = _decode(c, inputs, "explicit", "static", 3)
+    assert c.engine.batch.rows == 2 * acting and c.engine.batch.fused == 0
+    c.use([])
+    c.attention = "auto"
+    assert c.engine is None  # the baseline: SDPA
+
+
+@INTERPRETER
 def test_the_kernel_writes_probabilities_only_where_a_method_observes(tiny_models, monkeypatch):
     """SPARC scales in layers 1-2 and observes only layer 2: the kernel is asked for the probabilities there alone
     (each row it writes costs about 5 us on the H200), and SPARC still selects from them."""

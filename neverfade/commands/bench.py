@@ -70,13 +70,11 @@ def add_parser(sub) -> None:
         nargs="+",
         default=["auto"],
         choices=["auto", "fused", "explicit"],
-        help="the decode steps' attention in the layers where a method acts: auto (the fused Triton kernel "
-        "on CUDA where it covers the call, the explicit row elsewhere), fused (the kernel), "
-        "explicit (the reference row); several values time each "
-        "method setting once per value, side by side (e.g. --attention fused explicit). fused takes the kernel "
-        "in every layer, also those no method touches, and the baseline is then also timed on the kernel "
-        "('baseline [fused]'). Each row records the path taken "
-        "(default: auto)",
+        help="the decode steps' attention: auto (the fused Triton kernel on CUDA where it covers the call, in "
+        "every layer; elsewhere the explicit row in the methods' layers), fused (the kernel), explicit (the "
+        "reference row, in the methods' layers); several values time each method setting once per value, side "
+        "by side (e.g. --attention fused explicit). The baseline runs SDPA; with fused it is also timed on the "
+        "kernel ('baseline [fused]'). Each row records the path taken (default: auto)",
     )
     p.add_argument(
         "--check",

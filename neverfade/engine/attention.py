@@ -1,9 +1,9 @@
 """The one attention function neverfade registers with transformers.
 
 Prefill runs the stock SDPA kernel; in a layer where a method acts on the prompt's last position (the row that
-predicts the first token), that one row is computed explicitly and replaces SDPA's. A decode step runs SDPA in
-layers no method touches, and in the others one attention row with the methods' edits: on CUDA the fused Triton
-kernel (`neverfade.kernels.decode_attention`: one pass over the filled keys only), elsewhere, and wherever the
+predicts the first token), that one row is computed explicitly and replaces SDPA's. A decode step on CUDA runs the
+fused Triton kernel in every layer (`neverfade.kernels.decode_attention`: one pass over the filled keys only, with the
+methods' edits where they act); elsewhere SDPA in layers no method touches and, in the others and wherever the
 kernel does not cover the call (`fused_covers`), the explicit row (`attention_row`: two small matmuls and a softmax
 over every key of the cache), which is also the kernel's reference.
 """
@@ -51,11 +51,11 @@ def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), 
     if boost is not None:
         scores = scores + boost[:, None, None, :].to(scores.dtype) * scores.abs()
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if observers:
+    if len(observers) > 0:  # len: dynamo (torch 2.11) cannot trace bool() of a list
         observed = probs.detach()  # observers keep state across steps; a gradient (SGRS) must not reach it
         for m in observers:
             m.observe(layer, observed, batch)
-    if scale is not None and not reweighters and not probs.requires_grad:  # reweight and cast in one kernel
+    if scale is not None and len(reweighters) == 0 and not probs.requires_grad:  # reweight and cast in one kernel
         weights = torch.mul(probs, scale[:, None, None, :], out=torch.empty_like(probs, dtype=value.dtype))
     else:
         if scale is not None:
@@ -102,7 +102,7 @@ def fused_covers(query, key, value, attention_mask, reweighters) -> bool:
     softmax cannot take over a chunk of hidden keys), no reweighter (SGRS reweights after the scale and
     backpropagates through the row: the kernel has no backward), and no gradient wanted. Shapes and flags only:
     no host synchronisation."""
-    if query.shape[2] != 1 or reweighters:
+    if query.shape[2] != 1 or len(reweighters) > 0:  # len: dynamo (torch 2.11) cannot trace bool() of a list
         return False
     if query.dtype not in FUSED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return False
@@ -131,7 +131,7 @@ def fused_row(query, key, value, attention_mask, scaling, edits, length, layer, 
 
     boost, scale = edits
     out, probs = decode_attention(
-        query, key, value, scaling, length, attention_mask, boost, scale, return_probs=bool(observers)
+        query, key, value, scaling, length, attention_mask, boost, scale, return_probs=len(observers) > 0
     )
     for m in observers:
         m.observe(layer, probs, batch)

@@ -26,9 +26,10 @@ class Engine:
     """`methods` change the output; `probes` (analysis.probes) only watch, and are left out of `methods`."""
 
     def __init__(self, model, methods: list[Method], probes: list[Method] = (), attention: str = "auto"):
-        """`attention`: the decode-step row in the layers where a method acts: "auto" (the fused kernel on CUDA, the
-        explicit row elsewhere), "fused" (the kernel wherever it can run and covers the
-        call: on a CPU in Triton's interpreter, for tests) or "explicit" (always the explicit row, the reference)."""
+        """`attention`: the decode-step rows: "auto" (the fused kernel on CUDA, in every layer; the explicit row in
+        the methods' layers elsewhere), "fused" (the kernel in every layer wherever it can run and covers the call:
+        on a CPU in Triton's interpreter, for tests) or "explicit" (the explicit row in the methods' layers, the
+        reference; SDPA in the others)."""
         self.model = model
         self.info: ModelInfo = model_info(model)
         self.methods = list(methods)
@@ -47,6 +48,7 @@ class Engine:
         n = self.info.num_layers
         self.decode_layers = [[m for m in self.hooks if layer in m.decode_layers(n)] for layer in range(n)]
         self.prefill_layers = [[m for m in self.hooks if layer in m.prefill_layers(n)] for layer in range(n)]
+        self.acting = [bool(d) or bool(p) for d, p in zip(self.decode_layers, self.prefill_layers)]  # plain bools
         self.decode_rows = [self._row_methods(layer, ms) for layer, ms in enumerate(self.decode_layers)]
         self.prefill_rows = [self._row_methods(layer, ms) for layer, ms in enumerate(self.prefill_layers)]
         self._step_cache: dict = {}  # per forward: the methods' combined key edits and the mask bias
@@ -65,16 +67,15 @@ class Engine:
     def attention(self, choice: str) -> None:
         self.fused = attention.fused_runs(choice, self.model.device)  # refuses a choice that cannot run here
         self._attention = choice
-        # the decode steps' rows: in the methods' layers; with "fused", in every layer (the kernel groups the query
-        # heads where transformers' SDPA path repeats the keys and values: 2.5x SDPA's speed on Qwen2-VL-7B at batch
-        # 32 on the H200)
-        every = choice == "fused"
+        # the decode steps' rows: wherever the kernel runs, in every layer (it groups the query heads where
+        # transformers' SDPA path repeats the keys and values: the baseline on the kernel took x0.40-0.98 of SDPA's
+        # time on the H200, LLaVA-1.5-7B and Qwen2-VL-7B at batch 1, 8 and 32, and tied at LLaVA's batch 8); else
+        # in the methods' layers, SDPA in the others
+        every = self.fused
         self.row_layers = [bool(ms) or every for ms in self.decode_layers]
-
-    @property
-    def active(self) -> bool:
-        """Whether any attention call comes to the engine (else they go to SDPA untouched)."""
-        return bool(self.hooks) or any(self.row_layers)
+        # whether any attention call comes to the engine (else they go to SDPA untouched): a plain bool, read inside
+        # a compiled step (dynamo in torch 2.11 cannot trace bool() of a list: compiled methods failed on the H200)
+        self.active = bool(self.hooks) or any(self.row_layers)
 
     def attention_path(self) -> str | None:
         """The rows the last batch's decode steps took in the methods' layers ("fused", "explicit", or
@@ -198,8 +199,8 @@ class Engine:
         boosts = [b for b in (m.key_boost(self.batch, keys) for m in editors) if b is not None]
         scales = [s for s in (m.key_scale(self.batch, keys) for m in editors) if s is not None]
         edits = (
-            functools.reduce(torch.add, boosts) if boosts else None,
-            functools.reduce(torch.mul, scales) if scales else None,
+            functools.reduce(torch.add, boosts) if len(boosts) > 0 else None,  # len: traced, as in `active`
+            functools.reduce(torch.mul, scales) if len(scales) > 0 else None,
         )
         self._step_cache[editors] = (keys, edits)
         return edits
@@ -269,20 +270,19 @@ class Engine:
         batch = self.batch
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        acting = self.decode_layers[layer] or self.prefill_layers[layer]
         untaken = [k for k in UNTAKEN if kwargs.get(k) is not None]
-        if acting and untaken:
+        if self.acting[layer] and len(untaken) > 0:
             raise CannotAct(
                 f"layer {layer}'s attention uses {', '.join(untaken)}, which neverfade's attention rows do not "
                 "compute: the methods cannot act on this model"
             )
-        row = self.row_layers[layer] and not untaken  # a layer no method touches: SDPA computes what rows cannot
+        row = self.row_layers[layer] and len(untaken) == 0  # no method here: SDPA computes what rows cannot
         if query.shape[2] == 1 and batch is not None and batch.decoding and row:
             return self._decode_row(query, key, value, attention_mask, scaling, layer), None
         out, _ = compat.sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-        if query.shape[2] > 1 and batch is not None and self.prefill_layers[layer]:
+        if query.shape[2] > 1 and batch is not None and len(self.prefill_layers[layer]) > 0:
             keys = slice(None) if attention_mask is not None else slice(0, query.shape[2])  # causal: no later keys
             row = self._row(
                 query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask, scaling, layer, self.prefill_rows
