@@ -17,7 +17,11 @@ unnormalised ones, exp(z_j - running max) * scale_j (flash-decoding's online sof
 float32 the two agree to float32 rounding (checked by tests/test_decode_attention.py, in Triton's interpreter).
 
 The keys are split into `splits` chunks of the filled length, one program each per (sequence, KV head), and a second
-kernel combines them (and normalises the returned probabilities). Split-K keeps a large GPU busy at batch 1.
+kernel combines them (and normalises the returned probabilities). Split-K keeps a large GPU busy at batch 1. The
+first kernel runs on 2 warps with 2 pipeline stages (head size up to 128): in a sweep on the H200 (session 9,
+`docs/findings/bench_h200_session9.json`, "kernel_sweep") that took a layer with a per-key scale from 50.4 to 42.4 us
+at LLaVA-7B's batch 8 and from 141.2 to 127.6 at batch 32, against Triton's default 4 warps and 3 stages, and was
+within 1 us of it at the other points.
 """
 
 from __future__ import annotations
@@ -281,6 +285,7 @@ def _decode_attention_op(query, key, value, scaling, length, mask, boost, scale,
         KV_HEADS=kv_heads, GROUP=group, DIM=dim, SPLITS=splits, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
         MASK=mask_kind, BOOST=boost is not None, SCALE=scale is not None, PROBS=return_probs,
         DTYPE=_TL_DTYPES[query.dtype], ROUND=query.dtype != torch.float32, IEEE=query.dtype == torch.float32,
+        num_warps=2 if d_pad <= 128 else 4, num_stages=2,
     )  # fmt: skip
     _combine_kernel[(b * kv_heads,)](
         m, total, acc, length, out, z,
