@@ -11,6 +11,7 @@ from reference_sgrs import reference_sgrs
 from transformers import AutoModelForImageTextToText
 
 import neverfade
+from neverfade import compat
 from neverfade.decoding.rejection import RejectionLoop, saliencies, sample
 
 STEPS = 12
@@ -34,6 +35,23 @@ def test_sgrs_equals_plain_reference(tiny_models, family):
     assert fast != baseline
     assert fast == reference
     assert fast_rejected == ref_rejected
+
+
+def test_sgrs_on_a_static_cache_equals_the_dynamic_one(tiny_models):
+    """The step a captured SGRS would replay runs on a static KV cache (fixed shapes, every key kept): its tokens and
+    rejections are those of generate's growing cache, over a padded batch of three image sizes."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"], method_params={"sgrs": SGRS})
+    inputs = c.inputs(make_images(), ["Describe.", "What is here?", "Hi"])
+    greedy = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    runs = {}
+    for cache in ("dynamic", "static"):
+        with torch.no_grad():
+            tokens = c.generate(**inputs, **greedy, cache_implementation=cache)
+        runs[cache] = (tokens, c.methods[0].last_rejected)
+        kept = compat.cache_of(c.model._neverfade_last_loop.kwargs)
+        assert getattr(kept, "is_compileable", False) == (cache == "static"), type(kept).__name__
+    assert runs["dynamic"][1] > 0, "the threshold must turn candidates down"
+    assert torch.equal(runs["dynamic"][0], runs["static"][0]) and runs["dynamic"][1] == runs["static"][1]
 
 
 def test_batched_backward_equals_one_backward_per_candidate():
