@@ -26,7 +26,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 SHAPE = os.environ.get("SHAPE", "8,32,32,128,1112,900" if CUDA else "2,4,2,16,80,60")
 B, H, KVH, D, T, L = map(int, SHAPE.split(","))
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-HALF = CUDA  # bfloat16 on CUDA
 
 
 def inputs():
@@ -41,34 +40,10 @@ def inputs():
 
 
 def launcher(q, k, v, mask, scale, length, splits, block_n, warps, stages, use_scale):
-    """`_decode_attention_op`'s two launches, with the launch settings given."""
-    group = H // KVH
-    g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(D))
-    m = torch.empty(B * KVH * splits * g_pad, device=DEVICE, dtype=torch.float32)
-    total = torch.empty_like(m)
-    acc = torch.empty(B * KVH * splits * g_pad * d_pad, device=DEVICE, dtype=torch.float32)
-    out = torch.empty(B, 1, H, D, device=DEVICE, dtype=DTYPE)
-    attended = mask.view(torch.uint8)
+    """The kernel's own launch (`decode_attention.launch`), with the launch settings given."""
     launch = dict(num_warps=warps, num_stages=stages) if CUDA else {}
-
-    def run():
-        K._partial_kernel[(B * KVH, splits)](
-            q, k, v, length, attended, m, scale if use_scale else m, m, total, acc, m,
-            D**-0.5, torch.finfo(DTYPE).min,
-            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-            attended.stride(0), attended.stride(1), 0, 0, 0, scale.stride(1), 0, 0, 0, 0,
-            KV_HEADS=KVH, GROUP=group, DIM=D, SPLITS=splits, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
-            MASK=2, BOOST=False, SCALE=use_scale, PROBS=False, DTYPE=K._TL_DTYPES[DTYPE],
-            ROUND=HALF, IEEE=not HALF, **launch,
-        )  # fmt: skip
-        K._combine_kernel[(B * KVH,)](
-            m, total, acc, length, out, m, out.stride(0), out.stride(2), out.stride(3), 0, 0, 0, 0, T,
-            KV_HEADS=KVH, GROUP=group, DIM=D, SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
-            G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, PROBS=False,
-        )  # fmt: skip
-        return out
-
-    return run
+    chosen = scale if use_scale else None
+    return lambda: K.launch(q, k, v, D**-0.5, length, mask, None, chosen, False, splits, block_n, **launch)[0]
 
 
 def main() -> None:

@@ -251,6 +251,14 @@ def _decode_attention_op(query, key, value, scaling, length, mask, boost, scale,
     """The kernels' launch as one operator: torch.compile leaves it whole (its `fake` gives the shapes) and calls it
     from the compiled step, so nothing here is traced: `splits` 0 is `default_splits`, which asks the device for its
     multiprocessor count (dynamo cannot trace that call). Returns (out, probs), probs empty (0,) when not asked for."""
+    return launch(query, key, value, scaling, length, mask, boost, scale, return_probs, splits, block_n)
+
+
+def launch(
+    query, key, value, scaling, length, mask, boost, scale, return_probs, splits, block_n, num_warps=None, num_stages=2
+):
+    """The two kernels' launch (`_decode_attention_op`'s body); `num_warps`, `num_stages`: the first kernel's (default
+    2 warps up to head size 128, else 4; 2 stages), settable for scripts/kernel_sweep.py."""
     b, heads, _, dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -285,7 +293,7 @@ def _decode_attention_op(query, key, value, scaling, length, mask, boost, scale,
         KV_HEADS=kv_heads, GROUP=group, DIM=dim, SPLITS=splits, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
         MASK=mask_kind, BOOST=boost is not None, SCALE=scale is not None, PROBS=return_probs,
         DTYPE=_TL_DTYPES[query.dtype], ROUND=query.dtype != torch.float32, IEEE=query.dtype == torch.float32,
-        num_warps=2 if d_pad <= 128 else 4, num_stages=2,
+        num_warps=num_warps or (2 if d_pad <= 128 else 4), num_stages=num_stages,
     )  # fmt: skip
     _combine_kernel[(b * kv_heads,)](
         m, total, acc, length, out, z,
