@@ -283,16 +283,20 @@ class Captioner:
 
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
-        "strategy" (a method's own loop) or "eager"."""
-        if self.engine is not None and self.engine.strategy:
+        "strategy" (a method's own loop, eagerly) or "eager". A method's own loop takes the captured path where it
+        has one there (SGRS's)."""
+        engine = self.engine
+        strategy = engine.strategy[0] if engine is not None and engine.strategy else None
+        own = "strategy" if strategy else "eager"  # the eager loop
+        if self.decode == "eager" or (engine is not None and not engine.capturable):
+            return own
+        if decoding.static_loop(strategy) is None:
             return "strategy"
-        if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
-            return "eager"
         if self.decode == "static":
             return "static"
         if self.model.device.type == "cuda":
             return "captured"
-        return "static" if self.decode == "captured" or self.compile else "eager"  # compile: the static loop's step
+        return "static" if self.decode == "captured" or self.compile else own  # compile: the static loop's step
 
     def generate(self, **inputs_and_kwargs):
         """`model.generate` with the attached methods' decoding loop, or the captured decode path."""
@@ -310,10 +314,16 @@ class Captioner:
                 "neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items() if isinstance(v, torch.Tensor)}
             )
         elif path in ("captured", "static") and inputs_and_kwargs.get("num_beams", 1) == 1:
+            strategy = self.engine.strategy if self.engine is not None else None
             inputs_and_kwargs.setdefault("cache_implementation", "static")
             inputs_and_kwargs.setdefault(
                 "custom_generate",
-                decoding.custom_generate("static", capture=path == "captured", compile=self.compile),
+                decoding.custom_generate(
+                    decoding.static_loop(strategy[0] if strategy else None),
+                    strategy[1] if strategy else None,
+                    capture=path == "captured",
+                    compile=self.compile,
+                ),
             )
         out = self.model.generate(**inputs_and_kwargs)
         if self.engine is not None:
@@ -335,14 +345,17 @@ class Captioner:
             why = "decode='eager' (--decode eager) runs generate's own loop"
         elif num_beams != 1:
             why = "beam search runs generate's own loop"
+        elif self.engine is not None and self.engine.strategy:
+            why = f"{self.engine.strategy[1].name}'s loop on it is captured, not compiled"
         if why:
             raise CompileRefused(f"compile=True (--compile) compiles the static loop's decode step, and {why}")
 
     def _not_captured_reason(self, path: str) -> str:
-        """Why a CUDA run decodes eagerly: a method's own loop, or a method's per-step state on the host."""
+        """Why a CUDA run decodes eagerly: a method's own loop with no captured form, or per-step state on the host."""
         flags = self.engine.flags
-        if path == "strategy":
-            return f"{'+'.join(m.name for m in self.engine.hooks if flags[m].strategy)} has its own decoding loop"
+        own = [m.name for m in self.engine.hooks if flags[m].strategy and not decoding.static_loop(flags[m].strategy)]
+        if path == "strategy" and own:
+            return f"{'+'.join(own)} has its own decoding loop"
         host = [m.name for m in self.engine.hooks if not flags[m].capturable]
         return f"{'+'.join(host)} keeps per-step state on the host"
 

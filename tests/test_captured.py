@@ -106,7 +106,12 @@ def test_decode_path_follows_methods_and_device(tiny_models):
     c.decode = "captured"
     assert c.decode_path() == "static"  # no CUDA graph without CUDA: the same loop, eagerly
     c.use(["sgrs"])
+    assert c.decode_path() == "static"  # SGRS's own loop has a captured form
+    c.decode = "eager"
     assert c.decode_path() == "strategy"
+    c.decode = "captured"
+    c.use(["vcd"])
+    assert c.decode_path() == "strategy"  # VCD's has none
     c.use(["sparc"]).record_attention()
     assert c.decode_path() == "eager"  # a probe keeps per-step lists on the host
     with pytest.raises(ValueError, match="decode must be"):

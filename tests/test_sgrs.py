@@ -11,8 +11,7 @@ from reference_sgrs import reference_sgrs
 from transformers import AutoModelForImageTextToText
 
 import neverfade
-from neverfade import compat
-from neverfade.decoding.rejection import RejectionLoop, saliencies, sample
+from neverfade.decoding.rejection import RejectionLoop, StaticRejectionLoop, saliencies, sample
 
 STEPS = 12
 SGRS = {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3}
@@ -37,21 +36,35 @@ def test_sgrs_equals_plain_reference(tiny_models, family):
     assert fast_rejected == ref_rejected
 
 
-def test_sgrs_on_a_static_cache_equals_the_dynamic_one(tiny_models):
-    """The step a captured SGRS would replay runs on a static KV cache (fixed shapes, every key kept): its tokens and
-    rejections are those of generate's growing cache, over a padded batch of three image sizes."""
-    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"], method_params={"sgrs": SGRS})
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")]
+
+
+@pytest.mark.parametrize("decode", ["static", pytest.param("captured", marks=CUDA)])
+def test_sgrs_on_the_captured_path_equals_its_eager_loop(tiny_models, decode):
+    """SGRS's loop on the captured path (a static KV cache; on CUDA each step replayed from its two graphs, the
+    forward and the saliency backward) gives the tokens and rejections of the eager loop on generate's growing cache
+    (on CUDA: of the same loop run eagerly), greedy and seeded sampling, over a padded batch of three image sizes.
+    The model's parameters are frozen during the run only."""
+    device = "cuda" if decode == "captured" else "cpu"
+    c = neverfade.load(
+        tiny_models["llava"], device=device, dtype="float32", methods=["sgrs"], method_params={"sgrs": SGRS}
+    )
     inputs = c.inputs(make_images(), ["Describe.", "What is here?", "Hi"])
-    greedy = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
-    runs = {}
-    for cache in ("dynamic", "static"):
-        with torch.no_grad():
-            tokens = c.generate(**inputs, **greedy, cache_implementation=cache)
-        runs[cache] = (tokens, c.methods[0].last_rejected)
-        kept = compat.cache_of(c.model._neverfade_last_loop.kwargs)
-        assert getattr(kept, "is_compileable", False) == (cache == "static"), type(kept).__name__
-    assert runs["dynamic"][1] > 0, "the threshold must turn candidates down"
-    assert torch.equal(runs["dynamic"][0], runs["static"][0]) and runs["dynamic"][1] == runs["static"][1]
+    reference = "static" if decode == "captured" else "eager"
+    for sampling in (dict(do_sample=False), dict(do_sample=True, temperature=1.5)):
+        runs = {}
+        for path in (decode, reference):
+            c.decode = path
+            torch.manual_seed(5)
+            with torch.no_grad():
+                tokens = c.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, **sampling)
+            loop = c.model._neverfade_last_loop
+            assert isinstance(loop, StaticRejectionLoop) == (path != "eager"), type(loop).__name__
+            assert getattr(loop, "captured", False) == (path == "captured")
+            runs[path] = (tokens, c.methods[0].last_rejected)
+        assert runs[reference][1] > 0, "the threshold must turn candidates down"
+        assert torch.equal(runs[decode][0], runs[reference][0]) and runs[decode][1] == runs[reference][1]
+    assert all(p.requires_grad for p in c.model.parameters())
 
 
 def test_batched_backward_equals_one_backward_per_candidate():

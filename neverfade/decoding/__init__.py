@@ -1,7 +1,8 @@
 """Decoding loops run through `generate(custom_generate=...)`, registered by name.
 
 A method that chooses tokens its own way names its loop in `Flags.strategy`; the engine passes
-`custom_generate(strategy, method)` to generate. "static" is the captured decode path (any capturable methods).
+`custom_generate(strategy, method)` to generate. "static" is the captured decode path (any capturable methods); a
+strategy in STATIC_STRATEGIES has a loop of its own on that path too.
 """
 
 from __future__ import annotations
@@ -14,12 +15,27 @@ STRATEGIES = {  # name -> "module:class" of a DecodingLoop
     "beam": "neverfade.decoding.opera:BeamLoop",  # OPERA's beam search with roll-back
     "static": "neverfade.decoding.captured:StaticLoop",  # a static cache, steps replayed from a CUDA graph
 }
+STATIC_STRATEGIES = {  # a strategy's loop on the captured decode path
+    "rejection": "neverfade.decoding.rejection:StaticRejectionLoop",
+}
 
 
 def loop_class(strategy: str) -> type:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown decoding strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    module, name = STRATEGIES[strategy].split(":")
+    return _load(STRATEGIES[strategy])
+
+
+def static_loop(strategy: str | None) -> type | None:
+    """The loop of the captured decode path for a method's `strategy` (None: the methods' hooks alone), or None
+    where that strategy has no such loop."""
+    if strategy is None:
+        return loop_class("static")
+    return _load(STATIC_STRATEGIES[strategy]) if strategy in STATIC_STRATEGIES else None
+
+
+def _load(where: str) -> type:
+    module, name = where.split(":")
     return getattr(importlib.import_module(module), name)
 
 

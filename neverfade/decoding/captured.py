@@ -128,7 +128,7 @@ class StaticLoop(DecodingLoop):
 
     def _step(self):
         out = self.forward_step(**self.static)
-        self.logits.copy_(out.logits[:, -1])
+        self._keep_logits(out.logits[:, -1])
         for name in self.advancing:
             if isinstance(self.static.get(name), torch.Tensor):
                 self.static[name].add_(1)
@@ -136,6 +136,10 @@ class StaticLoop(DecodingLoop):
         self.full.logical_or_(self.key_index == self.query)
         if self.sliding is not None:
             self._slide()
+
+    def _keep_logits(self, logits) -> None:
+        """The step's newest logits into the buffer the loop reads."""
+        self.logits.copy_(logits)
 
     def _next_logits(self, input_ids, tokens, step: int) -> torch.Tensor:
         """Logits of decode step `step` (1-based), whose input is the newest `tokens`."""
@@ -223,6 +227,7 @@ class StaticLoop(DecodingLoop):
     def finish(self):
         self._mark(self.logits.device)
         self.graph = self.static = self.full = self.sliding = None  # frees the graph's pool and the buffers
+        super().finish()
 
 
 def _synchronize(device):

@@ -6,26 +6,23 @@ from __future__ import annotations
 import torch
 
 from neverfade import compat
+from neverfade.decoding.captured import StaticLoop
 from neverfade.decoding.loop import DecodingLoop
 from neverfade.errors import CannotAct
 
 
 def saliencies(logits, candidates, rows, keys, batched=True):
     """S(c) for each candidate: logits (B, V) with a graph to `rows` (per target layer, (B, KVH, G, T) attention
-    weights), candidates (B, K), keys (B, T) bool (the keys averaged over). Returns (B, K)."""
+    weights), candidates (B, K), keys (B, T) bool (the keys averaged over). Returns (B, K). `batched`: one backward
+    for the K candidates (vmap over their cotangents; a RuntimeError where vmap cannot run), else K backwards."""
     log_probs = torch.log_softmax(logits, dim=-1)
     losses = -log_probs.gather(1, candidates)  # (B, K): each row's loss only reaches its own attention
     k = candidates.shape[1]
     if batched:
-        try:
-            cotangents = torch.eye(k, device=logits.device, dtype=losses.dtype)[:, None, :].expand(k, *losses.shape)
-            grads = torch.autograd.grad(
-                losses, rows, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
-            )  # kept for the fallback
-        except RuntimeError:
-            return saliencies(logits, candidates, rows, keys, batched=False)
+        cotangents = torch.eye(k, device=logits.device, dtype=losses.dtype)[:, None, :].expand(k, *losses.shape)
+        grads = torch.autograd.grad(losses, rows, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
     else:
-        per = [torch.autograd.grad(losses[:, i].sum(), rows, retain_graph=i < k - 1) for i in range(k)]
+        per = [torch.autograd.grad(losses[:, i].sum(), rows, retain_graph=True) for i in range(k)]
         grads = [torch.stack(g) for g in zip(*per)]
     total = 0.0
     for a, g in zip(rows, grads):  # g: (K, B, KVH, G, T)
@@ -52,9 +49,22 @@ class RejectionLoop(DecodingLoop):
     each step draws the random numbers of all its tries (and of all k candidates where fewer have a probability),
     where that loop stopped drawing at the first acceptance: the same distribution, other draws for a seed."""
 
+    def run(self, input_ids, model_kwargs):
+        """The model's parameters are frozen for the run: the saliencies need gradients to the attention rows only,
+        so the forward keeps no graph below the first target layer (and the fused kernel may run there)."""
+        thawed = [p for p in self.model.parameters() if p.requires_grad]
+        for p in thawed:
+            p.requires_grad_(False)
+        try:
+            return super().run(input_ids, model_kwargs)
+        finally:
+            for p in thawed:
+                p.requires_grad_(True)
+
     def start(self, input_ids, model_kwargs):
         super().start(input_ids, model_kwargs)
         method = self.method
+        self.batched = True  # one backward for the K candidates, until vmap cannot run it
         image_mask = input_ids == self.model._neverfade_engine.info.image_token_id
         b, device = image_mask.shape[0], image_mask.device
         positions = torch.arange(image_mask.shape[1], device=device)
@@ -70,9 +80,9 @@ class RejectionLoop(DecodingLoop):
     def step_logits(self, input_ids, step):
         with torch.enable_grad():
             out, self.kwargs = self.forward(input_ids, self.kwargs, step == 0)
-            self.logits = out.logits[:, -1].float()
+            self.live = out.logits[:, -1].float()  # with the graph to the rows
         self.rows = self.model._neverfade_engine.batch.state(self.method).rows
-        return self.logits.detach()
+        return self.live.detach()
 
     def choose(self, input_ids, logits, scores):
         m = self.method
@@ -81,10 +91,7 @@ class RejectionLoop(DecodingLoop):
         # the candidates: the first k, k = the fewest tokens of positive probability in a row (at most K, at least 1)
         k = (probs > 0).sum(-1).min().clamp(min=1)
         valid = torch.arange(candidates.shape[1], device=candidates.device) < k  # (K,)
-        positions = torch.arange(self.rows[0].shape[-1], device=input_ids.device)[None, :]
-        keys = (positions >= self.after_image[:, None]) & (positions < self.end)  # up to the newest token
-        with torch.enable_grad():
-            sal = saliencies(self.logits, candidates, self.rows, keys)
+        sal = self._saliencies(candidates)
         self.rows = None
         self.invalid |= probs.isnan().any() | sal.isnan().any()  # checked in `finish`: no step reads it
         _detach_cache(compat.cache_of(self.kwargs))
@@ -99,6 +106,18 @@ class RejectionLoop(DecodingLoop):
         self.filled.add_(1).clamp_(max=m.window)
         self.seen += 1
         return pick
+
+    def _saliencies(self, candidates):
+        """(B, K) the candidates' saliencies, from this step's logits and rows."""
+        positions = torch.arange(self.rows[0].shape[-1], device=candidates.device)[None, :]
+        keys = (positions >= self.after_image[:, None]) & (positions < self.end)  # up to the newest token
+        with torch.enable_grad():
+            if self.batched:
+                try:
+                    return saliencies(self.live, candidates, self.rows, keys)
+                except RuntimeError:
+                    self.batched = False
+            return saliencies(self.live, candidates, self.rows, keys, batched=False)
 
     def appended(self, tokens):
         self.end.add_(1)
@@ -136,6 +155,52 @@ class RejectionLoop(DecodingLoop):
             done |= take
             alive.scatter_(1, tried[:, None], False)
         return candidates.gather(1, slot[:, None]).squeeze(1), sal.gather(1, slot[:, None]).squeeze(1)
+
+
+class StaticRejectionLoop(StaticLoop, RejectionLoop):
+    """SGRS on the captured decode path: RejectionLoop's choices on StaticLoop's static KV cache, each step replayed
+    from two CUDA graphs in one memory pool, as torch.cuda.make_graphed_callables splits a forward from its
+    backward: the forward with the graph to the target layers' rows (its saved tensors stay in the pool, rewritten at
+    each replay), then, given the candidates in a fixed buffer, the saliency backward. The logits processors, the
+    top k and the rejection run eagerly between the two (min_new_tokens reads the length on the host). Without CUDA
+    (or with `capture=False`) the same loop runs eagerly: the reference the replay is checked against."""
+
+    def __init__(self, **loop):
+        super().__init__(**loop)
+        self.saliency_graph = None
+
+    def step_logits(self, input_ids, step):
+        with torch.enable_grad():
+            logits = super().step_logits(input_ids, step)
+        if step == 0:
+            self.live = logits
+        self.rows = self.model._neverfade_engine.batch.state(self.method).rows  # at a replay: the captured step's
+        return logits.detach()
+
+    def _keep_logits(self, logits) -> None:
+        self.live = logits.float()
+        self.logits.copy_(self.live.detach())
+
+    def _saliencies(self, candidates):
+        if self.graph is None:  # an eager step
+            return super()._saliencies(candidates)
+        if self.saliency_graph is None:  # the step whose forward was just captured
+            self.candidates = candidates.clone()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.graph.pool()):
+                    self.saliency = super()._saliencies(self.candidates)
+            except Exception as err:
+                raise self._failed(err) from err
+            self.saliency_graph = graph
+        else:
+            self.candidates.copy_(candidates)
+        self.saliency_graph.replay()
+        return self.saliency
+
+    def finish(self):
+        self.saliency_graph = self.live = None
+        super().finish()
 
 
 def _detach_cache(cache) -> None:

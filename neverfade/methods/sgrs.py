@@ -65,7 +65,7 @@ class SGRS(LayerRangeMethod):
     State = SGRSState
 
     def flags(self):
-        return Flags(strategy="rejection")
+        return Flags(strategy="rejection", capturable=True)  # its loop's steps replay from CUDA graphs
 
     def new_state(self, batch: Batch) -> SGRSState:
         return SGRSState()
