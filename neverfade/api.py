@@ -284,14 +284,14 @@ class Captioner:
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
         "strategy" (a method's own loop, eagerly) or "eager". A method's own loop takes the captured path where it
-        has one there (SGRS's)."""
+        has one there (SGRS's) when asked for with decode="captured" or "static"."""
         engine = self.engine
         strategy = engine.strategy[0] if engine is not None and engine.strategy else None
         own = "strategy" if strategy else "eager"  # the eager loop
         if self.decode == "eager" or (engine is not None and not engine.capturable):
             return own
-        if decoding.static_loop(strategy) is None:
-            return "strategy"
+        if decoding.static_loop(strategy) is None or (strategy and self.decode == "auto"):
+            return "strategy"  # auto keeps SGRS's eager loop until its captured replay has run on a GPU
         if self.decode == "static":
             return "static"
         if self.model.device.type == "cuda":
@@ -339,14 +339,14 @@ class Captioner:
 
         path = path or self.decode_path()
         why = None
-        if path == "strategy" or (path == "eager" and self.engine is not None and not self.engine.capturable):
+        if self.engine is not None and self.engine.strategy:
+            why = f"{self.engine.strategy[1].name}'s own decoding loop is not compiled"
+        elif path == "eager" and self.engine is not None and not self.engine.capturable:
             why = self._not_captured_reason(path)
         elif path == "eager":
             why = "decode='eager' (--decode eager) runs generate's own loop"
         elif num_beams != 1:
             why = "beam search runs generate's own loop"
-        elif self.engine is not None and self.engine.strategy:
-            why = f"{self.engine.strategy[1].name}'s loop on it is captured, not compiled"
         if why:
             raise CompileRefused(f"compile=True (--compile) compiles the static loop's decode step, and {why}")
 
@@ -357,7 +357,10 @@ class Captioner:
         if path == "strategy" and own:
             return f"{'+'.join(own)} has its own decoding loop"
         host = [m.name for m in self.engine.hooks if not flags[m].capturable]
-        return f"{'+'.join(host)} keeps per-step state on the host"
+        if host:
+            return f"{'+'.join(host)} keeps per-step state on the host"
+        name = self.engine.strategy[1].name
+        return f"{name}'s own loop runs eagerly under decode='auto' (decode='captured' replays it from CUDA graphs)"
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
         """Generated tokens up to and including the first end-of-sequence token."""

@@ -89,7 +89,7 @@ def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):
     c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"])
     c.compile = True
     inputs = c.inputs(make_images()[:1])
-    with pytest.raises(CompileRefused, match="sgrs has its own decoding loop") as refused:
+    with pytest.raises(CompileRefused, match="sgrs's own decoding loop is not compiled") as refused:
         _tokens(c, inputs)
     assert "\n" not in str(refused.value)
     c.use([])
@@ -117,7 +117,7 @@ def test_bench_compiles_checks_against_eager_and_refuses_what_it_cannot(tiny_mod
     base = rows["baseline"]
     assert base["path"] == "static" and base["compiled"] and base["compile_s"] > 0
     assert base["x_floor"] == pytest.approx(base["ms_per_token"] / base["floor_ms_per_token"], rel=1e-3, abs=1e-3)
-    assert "sgrs has its own decoding loop" in rows["sgrs"]["error"]  # an error row, not an uncompiled one
+    assert "sgrs's own decoding loop is not compiled" in rows["sgrs"]["error"]  # an error row, not an uncompiled one
     assert [(k["setting"], k["compiled"], k["reference"], k["same"]) for k in report["checks"]] == [
         ("baseline", True, "eager", True)
     ]

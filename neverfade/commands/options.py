@@ -58,8 +58,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "captured", "static", "eager"],
         help="decode path: auto (a static cache with each step replayed from a CUDA graph where the "
-        "methods allow, on CUDA), eager (generate's own loop), static (the captured loop run "
-        "eagerly)",
+        "methods allow, on CUDA), captured (that, and SGRS's own loop replayed from two graphs per step: "
+        "not yet run on a GPU), eager (generate's own loop), static (the captured loop run eagerly)",
     )
     group.add_argument(
         "--compile",
