@@ -67,6 +67,27 @@ def test_sgrs_on_the_captured_path_equals_its_eager_loop(tiny_models, decode):
     assert all(p.requires_grad for p in c.model.parameters())
 
 
+def test_sgrs_rejections_count_the_kept_steps_only(tiny_models):
+    """The static loop looks at the finished flags every 16 steps, so it decodes past a caption's end; the tokens past
+    it are cut, and so are their rejections: the count equals the eager loop's, which stops at the end."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"], method_params={"sgrs": SGRS})
+    inputs = c.inputs(make_images()[:1])
+    c.decode = "eager"
+    with torch.no_grad():
+        free = c.generate(**inputs, max_new_tokens=STEPS)[0, -STEPS:].tolist()
+    end = next(i for i in range(5, STEPS) if free[i] not in free[:i])  # a token new at step `end`: make it the EOS
+    runs = {}
+    for path in ("eager", "static"):
+        c.decode = path
+        with torch.no_grad():
+            tokens = c.generate(**inputs, max_new_tokens=STEPS, eos_token_id=free[end])
+        loop = c.model._neverfade_last_loop
+        runs[path] = (tokens[0, -(end + 1) :].tolist(), c.methods[0].last_rejected, loop.seen)
+    assert runs["eager"][0] == free[: end + 1] == runs["static"][0]
+    assert runs["eager"][2] == end + 1 < runs["static"][2], "the static loop must run past the end"
+    assert runs["eager"][1] > 0 and runs["static"][1] == runs["eager"][1]
+
+
 def test_batched_backward_equals_one_backward_per_candidate():
     torch.manual_seed(0)
     rows = [torch.rand(2, 2, 3, 7, requires_grad=True) for _ in range(2)]  # (B, KVH, G, T) per layer
@@ -221,6 +242,7 @@ def test_sgrs_step_reads_nothing_on_the_host(tiny_models, monkeypatch):
 
     # a host read in the step is caught: neverfade's own end-of-run read of the rejection count, made at each step
     def leaky(self, tokens):
+        self.steps = len(self.rejected_by_step)  # as if the run ended here
         RejectionLoop.finish(self)
 
     monkeypatch.setattr(RejectionLoop, "appended", _guarded(leaky, calls))

@@ -84,10 +84,11 @@ class DecodingLoop:
             done_at = torch.where((done_at == 0) & (unfinished.max() == 0), step, done_at)
             if input_ids.shape[1] >= self.config.max_length or (step % self.check_every == 0 and done_at > 0):
                 break
+        stop = int(done_at)
+        self.steps = stop or step  # the steps kept: a loop that checks every few steps may run past the end
         self.finish()
         if self.streamer is not None:
             self.streamer.end()
-        stop = int(done_at)
         if stop:
             input_ids, kept = input_ids[:, : prompt_len + stop], kept[:stop]
         if self.config.return_dict_in_generate:

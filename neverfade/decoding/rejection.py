@@ -74,7 +74,8 @@ class RejectionLoop(DecodingLoop):
         self.ring = torch.zeros((), dtype=torch.long, device=device)  # the ring's next slot
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # its filled slots, at most `window`
         self.seen = 0  # steps taken (the host's own count)
-        self.rejected = torch.zeros((), dtype=torch.long, device=device)  # candidates turned down, over the run
+        self.rejected = torch.zeros((), dtype=torch.long, device=device)  # candidates turned down so far
+        self.rejected_by_step: list[torch.Tensor] = []  # `rejected` after each step (the kept steps' is reported)
         self.invalid = torch.zeros((), dtype=torch.bool, device=device)  # a NaN in a distribution or a saliency
 
     def step_logits(self, input_ids, step):
@@ -104,6 +105,7 @@ class RejectionLoop(DecodingLoop):
         self.history.index_copy_(1, self.ring[None], chosen_sal[:, None].to(self.history.dtype))
         self.ring.add_(1).remainder_(m.window)
         self.filled.add_(1).clamp_(max=m.window)
+        self.rejected_by_step.append(self.rejected.clone())
         self.seen += 1
         return pick
 
@@ -123,7 +125,8 @@ class RejectionLoop(DecodingLoop):
         self.end.add_(1)
 
     def finish(self):
-        invalid, self.method.last_rejected = self.invalid.item(), int(self.rejected)  # the run's reads of the device
+        kept = self.rejected_by_step[self.steps - 1]  # not the steps run past the end (StaticRejectionLoop)
+        invalid, self.method.last_rejected = self.invalid.item(), int(kept)  # the run's reads of the device
         if invalid:
             raise CannotAct("sgrs: a step's next-token distribution or saliencies held NaN, so its choices are void")
 
