@@ -242,7 +242,7 @@ def test_sgrs_step_reads_nothing_on_the_host(tiny_models, monkeypatch):
 
     # a host read in the step is caught: neverfade's own end-of-run read of the rejection count, made at each step
     def leaky(self, tokens):
-        self.steps = len(self.rejected_by_step)  # as if the run ended here
+        self.steps = len(self.tallies)  # as if the run ended here
         RejectionLoop.finish(self)
 
     monkeypatch.setattr(RejectionLoop, "appended", _guarded(leaky, calls))

@@ -75,7 +75,7 @@ class RejectionLoop(DecodingLoop):
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # its filled slots, at most `window`
         self.seen = 0  # steps taken (the host's own count)
         self.rejected = torch.zeros((), dtype=torch.long, device=device)  # candidates turned down so far
-        self.rejected_by_step: list[torch.Tensor] = []  # `rejected` after each step (the kept steps' is reported)
+        self.tallies: list[torch.Tensor] = []  # (rejected, invalid) after each step: the last kept step's is reported
         self.invalid = torch.zeros((), dtype=torch.bool, device=device)  # a NaN in a distribution or a saliency
 
     def step_logits(self, input_ids, step):
@@ -105,7 +105,7 @@ class RejectionLoop(DecodingLoop):
         self.history.index_copy_(1, self.ring[None], chosen_sal[:, None].to(self.history.dtype))
         self.ring.add_(1).remainder_(m.window)
         self.filled.add_(1).clamp_(max=m.window)
-        self.rejected_by_step.append(self.rejected.clone())
+        self.tallies.append(torch.stack([self.rejected, self.invalid.long()]))
         self.seen += 1
         return pick
 
@@ -125,8 +125,8 @@ class RejectionLoop(DecodingLoop):
         self.end.add_(1)
 
     def finish(self):
-        kept = self.rejected_by_step[self.steps - 1]  # not the steps run past the end (StaticRejectionLoop)
-        invalid, self.method.last_rejected = self.invalid.item(), int(kept)  # the run's reads of the device
+        # the run's one read of the device; not of the steps run past the end (StaticRejectionLoop)
+        self.method.last_rejected, invalid = self.tallies[self.steps - 1].tolist()
         if invalid:
             raise CannotAct("sgrs: a step's next-token distribution or saliencies held NaN, so its choices are void")
 
