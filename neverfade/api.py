@@ -237,8 +237,9 @@ class Captioner:
     @property
     def decode(self) -> str:
         """ "captured": a static KV cache with each decode step replayed from a CUDA graph (without CUDA: the same
-        loop, eagerly); "static": that loop run eagerly (the reference for the captured replay); "eager": generate's
-        own loop; "auto": captured on CUDA where the methods allow, else eager."""
+        loop, eagerly; SGRS's own loop too, from two graphs per step); "static": that loop run eagerly (the reference
+        for the captured replay); "eager": generate's own loop (or a method's own); "auto": captured on CUDA where the
+        methods allow (not yet for SGRS, whose captured replay has not run on a GPU), else eager."""
         return self._decode
 
     @decode.setter
