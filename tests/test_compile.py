@@ -110,7 +110,7 @@ def test_bench_compiles_checks_against_eager_and_refuses_what_it_cannot(tiny_mod
     out = tmp_path / "bench.json"
     args = ["bench", "--model", tiny_models["llava"], "--device", "cpu", "--batch-sizes", "2", "--new-tokens", "4"]
     args += ["--repeats", "1", "--no-stock", "--method", "sgrs", "--compile", "--check", "--check-tokens", "6"]
-    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--profile", "--profile-tokens", "4", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["setting"]: r for r in report["rows"]}
     assert report["compile"] and report["environment"]["inductor_cache"] == inductor_cache_dir()
@@ -123,3 +123,7 @@ def test_bench_compiles_checks_against_eager_and_refuses_what_it_cannot(tiny_mod
     ]
     printed = capsys.readouterr().out
     assert "static+compiled" in printed and "compile s" in printed
+    profiled = {p["setting"]: p for p in report["profiles"]}
+    assert profiled["baseline"]["compiled"] and any("Compiled" in op for op in profiled["baseline"]["profile"]["ops"])
+    assert "baseline (static+compiled, cpu aten operators)" in printed
+    assert "sgrs's own decoding loop is not compiled" in profiled["sgrs"]["error"]

@@ -96,8 +96,9 @@ def add_parser(sub) -> None:
         "--profile",
         action="store_true",
         help="also profile, per setting and batch size, one decode on the static loop (each kernel launched on its "
-        "own: the kernels a captured step replays) with torch.profiler: the decode step's kernel time and count, "
-        "and the kernels a method adds beside the baseline (JSON `profiles`; on a CPU, ATen operators)",
+        "own: the kernels a captured step replays; with --compile, the compiled step's) with torch.profiler: the "
+        "decode step's kernel time and count, and the kernels a method adds beside the baseline (JSON `profiles`; "
+        "on a CPU, ATen operators and compiled kernels)",
     )
     p.add_argument("--profile-tokens", type=int, default=32, help="new tokens of each profiled decode (default: 32)")
     p.add_argument("--out", default="bench.json", help="JSON results (default: bench.json)")
@@ -399,15 +400,17 @@ def profile_batch(captioner, model_name, settings, batch_size, args) -> list[dic
     """Each setting's decode step profiled (`bench_profile.step_profile`), and the methods' beside the baseline's."""
     import torch
 
+    from neverfade.decoding.captured import CaptureFailed, CompileRefused
+
     inputs = captioner.inputs(_images(batch_size, args.image_size))
     entries, baseline = [], None
     for setting in settings:
-        _use(captioner, setting, args.decode)  # not compiled: the profile is of the kernels as launched one by one
-        entry = {"model": model_name, "batch_size": batch_size, "setting": _key(setting)}
+        _use(captioner, setting, args.decode, args.compile)  # with --compile: the compiled step's kernels
+        entry = {"model": model_name, "batch_size": batch_size, "setting": _key(setting), "compiled": captioner.compile}
         try:
             entry["profile"] = bench_profile.step_profile(captioner, inputs, args.profile_tokens)
-        except torch.OutOfMemoryError:
-            entry["error"] = "out of memory"
+        except (CaptureFailed, CompileRefused, torch.OutOfMemoryError) as err:
+            entry["error"] = str(err) if isinstance(err, (CaptureFailed, CompileRefused)) else "out of memory"
             torch.cuda.empty_cache()
             entries.append(entry)
             continue

@@ -41,7 +41,7 @@ def step_profile(captioner, inputs, tokens: int) -> dict:
     captioner.decode = "static"
     try:
         path = captioner.decode_path()  # "static", or "strategy" for a method with its own loop
-        _ops(captioner, inputs, 2)  # warm-up: allocations and first-call work stay out of the profile
+        _ops(captioner, inputs, tokens)  # warm-up: allocations, first calls and compiling stay out of the profile
         prefill = _ops(captioner, inputs, 1)
         whole = _ops(captioner, inputs, tokens)
     finally:
@@ -79,10 +79,13 @@ def beside(profile: dict, baseline: dict) -> dict:
 
 
 def summary(entry: dict) -> str:
-    """One setting's profile in a few lines."""
+    """One setting's profile in a few lines (or its error)."""
+    head = f"profile {entry['model']} batch {entry['batch_size']} {entry['setting']}"
+    if "error" in entry:
+        return f"{head}: not profiled: {entry['error']}"
     p = entry["profile"]
     text = (
-        f"profile {entry['model']} batch {entry['batch_size']} {entry['setting']} ({p['path']}, {p['unit']}): "
+        f"{head} ({p['path']}{'+compiled' if entry.get('compiled') else ''}, {p['unit']}): "
         f"{p['ms_per_step']:.3f} ms in {p['ops_per_step']:g} per step"
     )
     extra = entry.get("beside_baseline")
