@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText
 
 import neverfade
 from neverfade.decoding.rejection import RejectionLoop, StaticRejectionLoop, saliencies, sample
+from neverfade.engine import attention
 
 STEPS = 12
 SGRS = {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3}
@@ -100,6 +101,30 @@ def test_batched_backward_equals_one_backward_per_candidate():
     looped = saliencies(logits, candidates, rows, keys, batched=False)
     assert batched.shape == (2, 3) and not torch.allclose(batched[:, 0], batched[:, 1])
     torch.testing.assert_close(batched, looped)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_row_backpropagates_to_the_newest_key_and_value_alone_with_the_same_gradient(masked):
+    """The row SGRS backpropagates through: with `newest`, the cached keys and values take no gradient (a cache-sized
+    one per candidate), the output is the same to the bit, and the gradients to the query and to what the newest key
+    and value came from are those of the row without it."""
+    torch.manual_seed(0)
+    b, heads, kv_heads, keys, dim, newest = 2, 4, 2, 9, 8, torch.tensor([6])
+    upstream = torch.randn(b, kv_heads, 1, dim, requires_grad=True)  # the newest token's hidden state, say
+    query = torch.randn(b, heads, 1, dim) + upstream.mean()
+    key, value = torch.randn(b, kv_heads, keys, dim), torch.randn(b, kv_heads, keys, dim)  # the cache: constants
+    key.index_copy_(2, newest, upstream * 2)  # as a static cache writes this step's key and value
+    value.index_copy_(2, newest, upstream.sin())
+    mask = torch.arange(keys) <= torch.tensor([[6], [3]])  # the second row's newest key is masked
+    bias = attention.key_bias(mask[:, None, None, :], keys, kv_heads, query.dtype) if masked else None
+    grad_out = torch.randn(b, 1, heads, dim)
+    runs = {}
+    for name, index in (("every key", None), ("newest", newest)):
+        out = attention.attention_row(query, key, value, bias, 0.3, (None, None), 0, newest=index)
+        runs[name] = (out, *torch.autograd.grad(out, (query, upstream), grad_out, retain_graph=True))
+    assert runs["every key"][2].abs().sum() > 0
+    assert torch.equal(runs["newest"][0], runs["every key"][0])
+    torch.testing.assert_close(runs["newest"][1:], runs["every key"][1:])
 
 
 def test_sgrs_with_locore_batched_equals_alone(tiny_models):

@@ -31,21 +31,35 @@ def key_bias(attention_mask, keys: int, kv_heads: int, dtype) -> torch.Tensor | 
     return row.to(dtype).repeat_interleave(kv_heads, dim=0)[:, None, :]
 
 
-def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), reweighters=(), batch=None):
+def attention_row(
+    query, key, value, bias, scaling, edits, layer, observers=(), reweighters=(), batch=None, newest=None
+):
     """One query token's attention with the methods' edits: query (B, H, 1, D); key, value (B, KVH, T, D);
     `bias` from `key_bias`; `edits` = (boost, scale), each (B or 1, T) or None: the logits of keys become
     z + boost * |z| before the softmax, and the weights are multiplied by `scale` after it (no renormalisation).
     Observers see the softmax before any reweighting; `reweighters` (SGRS) see it after `scale`.
+    `newest` ((1,) long, the cache index of the newest key): where the keys carry a gradient (SGRS's backward
+    through the layers above its first one), only the newest key and value get it: every other one was cached
+    before this step's attention rows existed, so its gradient to them is zero, and computing it would write a
+    cache-sized gradient per candidate. The output is the same to the bit.
     Returns the output (B, 1, H, D). Four kernels where SDPA is one: a matmul with scale and mask, the softmax,
     the reweighting with the cast, and a matmul."""
     b, heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     grouped = query.reshape(b * kv_heads, heads // kv_heads, dim)  # the heads of one KV head together
+    new_key = new_value = None
+    if newest is not None and (key.requires_grad or value.requires_grad):
+        new_key, new_value = (t.index_select(2, newest).reshape(b * kv_heads, 1, dim) for t in (key, value))
+        key, value = key.detach(), value.detach()
     key_t = key.reshape(b * kv_heads, keys, dim).transpose(1, 2)
     if bias is None:
         scores = torch.bmm(grouped, key_t) * scaling
     else:
         scores = torch.baddbmm(bias, grouped, key_t, alpha=scaling)
+    if new_key is not None:  # + 0 at the newest key, with its logit's gradient to the key (the query has its own)
+        own = torch.bmm(grouped.detach(), new_key.transpose(1, 2)) * scaling  # (B * KVH, G, 1)
+        at_newest = torch.arange(keys, device=newest.device) == newest
+        scores = scores + at_newest * (own - own.detach())
     scores = scores.view(b, kv_heads, -1, keys)  # (B, KVH, G, T)
     boost, scale = edits
     if boost is not None:
@@ -63,7 +77,10 @@ def attention_row(query, key, value, bias, scaling, edits, layer, observers=(), 
         for m in reweighters:
             probs = m.reweight(layer, probs, batch)
         weights = probs.to(value.dtype)
-    out = torch.bmm(weights.view(b * kv_heads, -1, keys), value.reshape(b * kv_heads, keys, dim))
+    weights = weights.view(b * kv_heads, -1, keys)
+    out = torch.bmm(weights, value.reshape(b * kv_heads, keys, dim))
+    if new_value is not None:  # + 0, with the gradient of the newest value
+        out = out + weights.detach().index_select(2, newest) * (new_value - new_value.detach())
     return out.view(b, heads, 1, dim).transpose(1, 2)
 
 

@@ -263,6 +263,7 @@ class Engine:
             observers,
             reweighters,
             self.batch,
+            self.batch.query_index.view(1),
         )
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
