@@ -3,6 +3,8 @@ the candidates' saliencies come from one backward, and rejection sampling picks 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from neverfade import compat
@@ -20,7 +22,8 @@ def saliencies(logits, candidates, rows, keys, batched=True):
     k = candidates.shape[1]
     if batched:
         cotangents = torch.eye(k, device=logits.device, dtype=losses.dtype)[:, None, :].expand(k, *losses.shape)
-        grads = torch.autograd.grad(losses, rows, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
+        backward = functools.partial(torch.autograd.grad, losses, rows, retain_graph=True)
+        grads = torch.func.vmap(backward)(cotangents)  # torch.func's: it takes the rows' own rule (`_product`)
     else:
         per = [torch.autograd.grad(losses[:, i].sum(), rows, retain_graph=True) for i in range(k)]
         grads = [torch.stack(g) for g in zip(*per)]

@@ -38,10 +38,9 @@ def attention_row(
     `bias` from `key_bias`; `edits` = (boost, scale), each (B or 1, T) or None: the logits of keys become
     z + boost * |z| before the softmax, and the weights are multiplied by `scale` after it (no renormalisation).
     Observers see the softmax before any reweighting; `reweighters` (SGRS) see it after `scale`.
-    `newest` ((1,) long, the cache index of the newest key): where the keys carry a gradient (SGRS's backward
-    through the layers above its first one), only the newest key and value get it: every other one was cached
-    before this step's attention rows existed, so its gradient to them is zero, and computing it would write a
-    cache-sized gradient per candidate. The output is the same to the bit.
+    `newest` ((1,) long): at a decode step, the cache index this step's key and value were written to. Where the
+    keys carry a gradient (SGRS's backward through the layers above its first), only those get it (`_Newest`): the
+    others were cached before this step's attention rows existed. The output is the same to the bit.
     Returns the output (B, 1, H, D). Four kernels where SDPA is one: a matmul with scale and mask, the softmax,
     the reweighting with the cast, and a matmul."""
     b, heads, _, dim = query.shape
@@ -49,17 +48,12 @@ def attention_row(
     grouped = query.reshape(b * kv_heads, heads // kv_heads, dim)  # the heads of one KV head together
     new_key = new_value = None
     if newest is not None and (key.requires_grad or value.requires_grad):
-        new_key, new_value = (t.index_select(2, newest).reshape(b * kv_heads, 1, dim) for t in (key, value))
+        new_key, new_value = (_Newest.apply(t, newest).reshape(b * kv_heads, 1, dim) for t in (key, value))
         key, value = key.detach(), value.detach()
-    key_t = key.reshape(b * kv_heads, keys, dim).transpose(1, 2)
-    if bias is None:
-        scores = torch.bmm(grouped, key_t) * scaling
-    else:
-        scores = torch.baddbmm(bias, grouped, key_t, alpha=scaling)
+    scores = _product(grouped, key.reshape(b * kv_heads, keys, dim).transpose(1, 2), bias, scaling)
     if new_key is not None:  # + 0 at the newest key, with its logit's gradient to the key (the query has its own)
         own = torch.bmm(grouped.detach(), new_key.transpose(1, 2)) * scaling  # (B * KVH, G, 1)
-        at_newest = torch.arange(keys, device=newest.device) == newest
-        scores = scores + at_newest * (own - own.detach())
+        scores = scores + (torch.arange(keys, device=newest.device) == newest) * (own - own.detach())
     scores = scores.view(b, kv_heads, -1, keys)  # (B, KVH, G, T)
     boost, scale = edits
     if boost is not None:
@@ -78,10 +72,68 @@ def attention_row(
             probs = m.reweight(layer, probs, batch)
         weights = probs.to(value.dtype)
     weights = weights.view(b * kv_heads, -1, keys)
-    out = torch.bmm(weights, value.reshape(b * kv_heads, keys, dim))
+    out = _product(weights, value.reshape(b * kv_heads, keys, dim))
     if new_value is not None:  # + 0, with the gradient of the newest value
         out = out + weights.detach().index_select(2, newest) * (new_value - new_value.detach())
     return out.view(b, heads, 1, dim).transpose(1, 2)
+
+
+def _product(x, cache, bias=None, alpha=None):
+    """bmm(x, cache) * alpha, or baddbmm(bias, x, cache, alpha=alpha): x (N, M, P) with the batch's rows, `cache`
+    (N, P, Q) a view of the KV cache. Where x carries a gradient and the cache does not: `_ConstantProduct`."""
+    if x.requires_grad and not cache.requires_grad and torch.is_grad_enabled():
+        return _ConstantProduct.apply(x, cache, bias, alpha)
+    return _ConstantProduct.forward(x, cache, bias, alpha)
+
+
+class _ConstantProduct(torch.autograd.Function):
+    """`_product` with the cache a constant, for SGRS's batched backward (torch.func.vmap over the candidates'
+    cotangents): vmap's own rule for bmm copies the unbatched operand once per candidate (a cache-sized copy per
+    candidate, layer and step); this rule folds the candidates into x's rows, so the cache is read as it is."""
+
+    @staticmethod
+    def forward(x, cache, bias, alpha):
+        if bias is not None:
+            return torch.baddbmm(bias, x, cache, alpha=alpha)
+        out = torch.bmm(x, cache)
+        return out if alpha is None else out * alpha
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.alpha = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cache,) = ctx.saved_tensors
+        grad = grad if ctx.alpha is None else grad * ctx.alpha
+        return _ConstantProduct.apply(grad, cache.transpose(1, 2), None, None), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, cache, bias, alpha):
+        if in_dims[1:] != (None, None, None):  # not SGRS's backward (saliencies falls back to one per candidate)
+            raise NotImplementedError("_ConstantProduct: a batched cache or bias")
+        x = x.movedim(in_dims[0], 1)  # (N, candidates, M, P)
+        n, k, m, p = x.shape
+        return _ConstantProduct.forward(x.reshape(n, k * m, p), cache, None, alpha).view(n, k, m, -1), 1
+
+
+class _Newest(torch.autograd.Function):
+    """cache.index_select(2, newest) at a decode step, whose gradient is read at `newest` only: the cache's own
+    backward (a static cache's index_copy_, a dynamic one's cat) takes the gradient of the one position this step
+    wrote, so the gradient returned is this one expanded over the cache (no cache-sized tensor per candidate)."""
+
+    @staticmethod
+    def forward(cache, newest):
+        return cache.index_select(2, newest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.expand(ctx.shape), None
 
 
 ATTENTION = ("auto", "fused", "explicit")  # the engine's choice of decode-step row (`Engine.attention`)

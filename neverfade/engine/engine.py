@@ -232,7 +232,8 @@ class Engine:
                 query, key, value, attention_mask, scaling, edits, filled, layer, observers, self.batch
             )
         self._counted(layer, fused=False)
-        return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows)
+        newest = self._filled(key.shape[2]) - 1  # the cache index this step wrote (a full sliding window: its last)
+        return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows, newest)
 
     def _counted(self, layer: int, fused: bool) -> None:
         """Count a decode step's row in the batch. Inside torch.compile only what the trace saw is noted (a Python
@@ -249,7 +250,7 @@ class Engine:
             self.batch.rows += len(self.compiled_rows)
             self.batch.fused += sum(self.compiled_rows.values())
 
-    def _row(self, query, key, value, attention_mask, scaling, layer, rows):
+    def _row(self, query, key, value, attention_mask, scaling, layer, rows, newest=None):
         editors, observers, reweighters = rows[layer]
         bias = self._bias(attention_mask, key.shape[2], key.shape[1], query.dtype)
         return attention.attention_row(
@@ -263,7 +264,7 @@ class Engine:
             observers,
             reweighters,
             self.batch,
-            self.batch.query_index.view(1),
+            newest,
         )
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
