@@ -64,6 +64,7 @@ def test_sgrs_on_the_captured_path_equals_its_eager_loop(tiny_models, decode):
             loop = c.model._neverfade_last_loop
             assert isinstance(loop, StaticRejectionLoop) == (path != "eager"), type(loop).__name__
             assert getattr(loop, "captured", False) == (path == "captured")
+            assert loop.batched, "vmap failed, and the run fell back to one backward per candidate"
             runs[path] = (tokens, c.methods[0].last_rejected)
         assert runs[reference][1] > 0, "the threshold must turn candidates down"
         assert torch.equal(runs[decode][0], runs[reference][0]) and runs[decode][1] == runs[reference][1]
@@ -89,6 +90,34 @@ def test_sgrs_rejections_count_the_kept_steps_only(tiny_models):
     assert runs["eager"][0] == free[: end + 1] == runs["static"][0]
     assert runs["eager"][2] == end + 1 < runs["static"][2], "the static loop must run past the end"
     assert runs["eager"][1] > 0 and runs["static"][1] == runs["eager"][1]
+
+
+@pytest.mark.parametrize("failing", [0, 3])
+def test_a_vmap_failure_is_logged_and_only_a_decode_steps_turns_batching_off(tiny_models, monkeypatch, caplog, failing):
+    """Where vmap fails, the saliencies come from one backward per candidate (the same tokens), with a warning; a
+    failure at the prompt's step (which backpropagates through SDPA too) keeps batching for the decode steps."""
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"], method_params={"sgrs": SGRS})
+    inputs = c.inputs(make_images()[:2], ["Describe.", "Hi"])
+    c.decode = "eager"
+    with torch.no_grad():
+        expected = c.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    batched_calls = []
+
+    def flaky(*args, batched=True):
+        if batched:
+            batched_calls.append(len(batched_calls))
+            if batched_calls[-1] == failing:
+                raise RuntimeError("no batching rule, say")
+        return saliencies(*args, batched=batched)
+
+    monkeypatch.setattr("neverfade.decoding.rejection.saliencies", flaky)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="neverfade"):
+        tokens = c.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    assert torch.equal(tokens, expected)
+    assert c.model._neverfade_last_loop.batched == (failing == 0)
+    assert len(batched_calls) == (STEPS if failing == 0 else failing + 1)
+    (warning,) = [r.getMessage() for r in caplog.records if "one backward per candidate" in r.getMessage()]
+    assert ("at the prompt's step" if failing == 0 else "from now on") in warning and "no batching rule" in warning
 
 
 def test_batched_backward_equals_one_backward_per_candidate():

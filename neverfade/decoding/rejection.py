@@ -4,6 +4,7 @@ the candidates' saliencies come from one backward, and rejection sampling picks 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -112,16 +113,23 @@ class RejectionLoop(DecodingLoop):
         self.seen += 1
         return pick
 
-    def _saliencies(self, candidates):
-        """(B, K) the candidates' saliencies, from this step's logits and rows."""
+    def _saliencies(self, candidates, batched=True):
+        """(B, K) the candidates' saliencies, from this step's logits and rows (`batched`: if vmap still runs)."""
         positions = torch.arange(self.rows[0].shape[-1], device=candidates.device)[None, :]
         keys = (positions >= self.after_image[:, None]) & (positions < self.end)  # up to the newest token
         with torch.enable_grad():
-            if self.batched:
+            if batched and self.batched:
                 try:
                     return saliencies(self.live, candidates, self.rows, keys)
-                except RuntimeError:
-                    self.batched = False
+                except RuntimeError as err:
+                    # the prompt's step backpropagates through SDPA too, which vmap may not batch; the decode steps'
+                    # rows it does, so only a decode step's failure turns batching off
+                    self.batched = self.seen == 0
+                    logging.getLogger("neverfade").warning(
+                        "sgrs: one backward per candidate %s, as vmap failed: %s",
+                        "at the prompt's step" if self.batched else "from now on (slower)",
+                        str(err).splitlines()[0],
+                    )
             return saliencies(self.live, candidates, self.rows, keys, batched=False)
 
     def appended(self, tokens):
@@ -188,8 +196,9 @@ class StaticRejectionLoop(StaticLoop, RejectionLoop):
         self.logits.copy_(self.live.detach())
 
     def _saliencies(self, candidates):
-        if self.graph is None:  # an eager step
-            return super()._saliencies(candidates)
+        if self.graph is None:  # an eager step; the warm-up's forward ran on a side stream, so autograd would record
+            # the gradients on that stream, which vmap's batched tensors cannot take: one backward per candidate there
+            return super()._saliencies(candidates, batched=not (self.capture and self.seen == 1))
         if self.saliency_graph is None:  # the step whose forward was just captured
             self.candidates = candidates.clone()
             graph = torch.cuda.CUDAGraph()
