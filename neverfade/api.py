@@ -239,7 +239,7 @@ class Captioner:
         """ "captured": a static KV cache with each decode step replayed from a CUDA graph (without CUDA: the same
         loop, eagerly; SGRS's own loop too, from two graphs per step); "static": that loop run eagerly (the reference
         for the captured replay); "eager": generate's own loop (or a method's own); "auto": captured on CUDA where the
-        methods allow (not yet for SGRS, whose captured replay has not run on a GPU), else eager."""
+        methods allow (SGRS's loop too), else eager."""
         return self._decode
 
     @decode.setter
@@ -285,14 +285,14 @@ class Captioner:
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
         "strategy" (a method's own loop, eagerly) or "eager". A method's own loop takes the captured path where it
-        has one there (SGRS's) when asked for with decode="captured" or "static"."""
+        has one there (SGRS's)."""
         engine = self.engine
         strategy = engine.strategy[0] if engine is not None and engine.strategy else None
         own = "strategy" if strategy else "eager"  # the eager loop
         if self.decode == "eager" or (engine is not None and not engine.capturable):
             return own
-        if decoding.static_loop(strategy) is None or (strategy and self.decode == "auto"):
-            return "strategy"  # auto keeps SGRS's eager loop until its captured replay has run on a GPU
+        if decoding.static_loop(strategy) is None:
+            return "strategy"
         if self.decode == "static":
             return "static"
         if self.model.device.type == "cuda":
@@ -358,10 +358,7 @@ class Captioner:
         if path == "strategy" and own:
             return f"{'+'.join(own)} has its own decoding loop"
         host = [m.name for m in self.engine.hooks if not flags[m].capturable]
-        if host:
-            return f"{'+'.join(host)} keeps per-step state on the host"
-        name = self.engine.strategy[1].name
-        return f"{name}'s own loop runs eagerly under decode='auto' (decode='captured' replays it from CUDA graphs)"
+        return f"{'+'.join(host)} keeps per-step state on the host"
 
     def _count_new_tokens(self, new: torch.Tensor) -> list[int]:
         """Generated tokens up to and including the first end-of-sequence token."""

@@ -48,4 +48,4 @@ def reference_sgrs(model, inputs, image_token_id, eos_id, steps, alpha, k, tries
         history.append(saliency[order.index(pick)])
         chosen.append(pick)
         ids = torch.cat([ids, torch.tensor([[pick]])], dim=1)
-    return chosen, rejected
+    return chosen, rejected, history

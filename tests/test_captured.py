@@ -100,16 +100,19 @@ def test_seeded_sampling_is_the_same_on_both_loops(tiny_models):
     assert not torch.equal(runs[0], greedy)
 
 
-def test_decode_path_follows_methods_and_device(tiny_models):
+def test_decode_path_follows_methods_and_device(tiny_models, monkeypatch):
     c = neverfade.load(tiny_models["llava"], device="cpu")
     assert c.decode_path() == "eager"  # auto on a CPU
     c.decode = "captured"
     assert c.decode_path() == "static"  # no CUDA graph without CUDA: the same loop, eagerly
     c.use(["sgrs"])
     assert c.decode_path() == "static"  # SGRS's own loop has a captured form
-    for decode in ("eager", "auto"):  # auto: not yet (its captured replay has not run on a GPU)
+    for decode in ("eager", "auto"):  # auto on a CPU: its eager loop
         c.decode = decode
         assert c.decode_path() == "strategy"
+    with monkeypatch.context() as m:
+        m.setattr(type(c.model), "device", property(lambda model: torch.device("cuda")))
+        assert c.decode_path() == "captured"  # auto on CUDA: its loop replayed from CUDA graphs
     c.decode = "captured"
     c.use(["vcd"])
     assert c.decode_path() == "strategy"  # VCD's has none

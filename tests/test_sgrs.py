@@ -21,22 +21,29 @@ SGRS = {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3}
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_sgrs_equals_plain_reference(tiny_models, family):
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_sgrs_equals_plain_reference(tiny_models, family, decode):
+    """The tokens, the rejections and every accepted token's saliency (the window holds them all) of a plain SGRS
+    that reruns the whole sequence each step with the model's own attention and one backward per candidate."""
+    params = {**SGRS, "window": STEPS}
     c = neverfade.load(tiny_models[family], device="cpu")
+    c.decode = decode
     inputs = c.processor(text=[c.prompt_text("Describe.")], images=make_images()[:1], return_tensors="pt")
     greedy = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
     baseline = c.model.generate(**inputs, **greedy)[0, -STEPS:].tolist()
-    c.use(["sgrs"], {"sgrs": SGRS})
+    c.use(["sgrs"], {"sgrs": params})
     fast = c.generate(**inputs, **greedy)[0, -STEPS:].tolist()
     fast_rejected = c.methods[0].last_rejected
     ref_model = AutoModelForImageTextToText.from_pretrained(tiny_models[family]).eval()
-    reference, ref_rejected = reference_sgrs(
-        ref_model, inputs, c.engine.info.image_token_id, c.model.generation_config.eos_token_id, STEPS, **SGRS
+    reference, ref_rejected, ref_saliencies = reference_sgrs(
+        ref_model, inputs, c.engine.info.image_token_id, c.model.generation_config.eos_token_id, STEPS, **params
     )
     assert ref_rejected > 0, "the threshold must turn candidates down"
     assert fast != baseline
     assert fast == reference
     assert fast_rejected == ref_rejected
+    accepted = c.model._neverfade_last_loop.history[0].tolist()  # the step-ordered ring: window == STEPS
+    torch.testing.assert_close(accepted, ref_saliencies, rtol=1e-4, atol=1e-6)
 
 
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")]

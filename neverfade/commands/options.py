@@ -57,9 +57,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--decode",
         default="auto",
         choices=["auto", "captured", "static", "eager"],
-        help="decode path: auto (a static cache with each step replayed from a CUDA graph where the "
-        "methods allow, on CUDA), captured (that, and SGRS's own loop replayed from two graphs per step: "
-        "not yet run on a GPU), eager (generate's own loop), static (the captured loop run eagerly)",
+        help="decode path: auto (on CUDA, a static cache with each step replayed from a CUDA graph where the "
+        "methods allow; SGRS's own loop from two graphs per step), captured (that, also on a CPU as the "
+        "static loop), eager (generate's own loop), static (the captured loop run eagerly)",
     )
     group.add_argument(
         "--compile",

@@ -289,5 +289,7 @@ class Engine:
             row = self._row(
                 query[:, :, -1:], key[:, :, keys], value[:, :, keys], attention_mask, scaling, layer, self.prefill_rows
             )
-            out = torch.cat([out[:, :-1], row], dim=1)  # not in place: SGRS backpropagates through SDPA's output
+            # the earlier positions never see the last one's row, so no gradient of SGRS's reaches them: detached,
+            # SDPA stays out of the saliency backward
+            out = torch.cat([out[:, :-1].detach(), row], dim=1)
         return out, None
