@@ -442,7 +442,9 @@ def check_batch(captioner, model_name, settings, batch_size, args) -> list[dict]
         with _reproducible_attention(captioner.model.device):
             try:
                 _, fast = _timed(captioner, inputs, args.check_tokens)
-            except (CaptureFailed, CompileRefused) as err:
+            except CompileRefused:
+                continue  # nothing to check: the setting's row is the refusal
+            except CaptureFailed as err:
                 results.append(
                     {
                         "model": model_name,

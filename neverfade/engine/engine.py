@@ -232,7 +232,9 @@ class Engine:
                 query, key, value, attention_mask, scaling, edits, filled, layer, observers, self.batch
             )
         self._counted(layer, fused=False)
-        newest = self._filled(key.shape[2]) - 1  # the cache index this step wrote (a full sliding window: its last)
+        newest = None  # SGRS's gradient: the cache index this step wrote (a full sliding window: its last)
+        if torch.is_grad_enabled():
+            newest = self._filled(key.shape[2]) - 1
         return self._row(query, key, value, attention_mask, scaling, layer, self.decode_rows, newest)
 
     def _counted(self, layer: int, fused: bool) -> None:
