@@ -155,12 +155,12 @@ def _combine_kernel(
     top = tl.max(m, axis=0)  # (G,)
     weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - top[None, :]))  # empty chunks weigh nothing
     total = tl.sum(weight * l, axis=0)
-    acc = tl.load(
-        acc_ptr + (part[:, None, None] * G_PAD + g[None, :, None]) * D_PAD + d[None, None, :],
-        mask=s_ok[:, None, None],
-        other=0.0,
-    )
-    out = tl.sum(weight[:, :, None] * acc, axis=0) / total[:, None]
+    out = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for split in range(SPLITS):  # one chunk's (G, D) at a time: all S at once spill registers at batch 1
+        m_split = tl.load(m_ptr + (row * SPLITS + split) * G_PAD + g)
+        acc = tl.load(acc_ptr + ((row * SPLITS + split) * G_PAD + g)[:, None] * D_PAD + d[None, :])
+        out += tl.where(m_split == float("-inf"), 0.0, tl.exp(m_split - top))[:, None] * acc
+    out = out / total[:, None]
     g_ok = g < GROUP
     tl.store(
         out_ptr + b * so_b + (h * GROUP + g)[:, None] * so_h + d[None, :] * so_d,
