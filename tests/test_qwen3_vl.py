@@ -14,7 +14,7 @@ from test_methods import test_pai_guidance_at_gamma_one_is_the_boost_alone as pa
 from test_methods import test_pai_guidance_equals_plain_reference as pai_guidance_check
 from test_opera import one_thread  # noqa: F401  (the fixture)
 from test_opera import test_penalty_equals_reference as opera_check
-from test_sgrs import test_sgrs_equals_plain_reference as sgrs_check
+from test_sgrs import sgrs_reference_check as sgrs_check
 from test_sparc import test_no_method_and_identity_method_equal_stock_generate as stock_check
 from test_vcd import VCD
 from test_vcd import test_vcd_equals_plain_reference as vcd_check

@@ -23,6 +23,10 @@ SGRS = {"alpha": 1.1, "k": 4, "tries": 3, "window": 5, "start": 2, "end": 3}
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("decode", ["eager", "static"])
 def test_sgrs_equals_plain_reference(tiny_models, family, decode):
+    sgrs_reference_check(tiny_models, family, decode)
+
+
+def sgrs_reference_check(tiny_models, family, decode="eager"):
     """The tokens, the rejections and every accepted token's saliency (the window holds them all) of a plain SGRS
     that reruns the whole sequence each step with the model's own attention and one backward per candidate."""
     params = {**SGRS, "window": STEPS}
