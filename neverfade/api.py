@@ -282,14 +282,17 @@ class Captioner:
         stages = getattr(getattr(self.model, "_neverfade_last_loop", None), "stage_seconds", None)
         return stages() if stages is not None else {}
 
+    def _strategy(self):
+        """(name, method) of the attached method with its own decoding loop, or (None, None)."""
+        return (self.engine.strategy if self.engine is not None else None) or (None, None)
+
     def decode_path(self) -> str:
         """The decode path the next `generate` takes: "captured", "static" (the captured loop run eagerly),
         "strategy" (a method's own loop, eagerly) or "eager". A method's own loop takes the captured path where it
         has one there (SGRS's)."""
-        engine = self.engine
-        strategy = engine.strategy[0] if engine is not None and engine.strategy else None
+        strategy, _ = self._strategy()
         own = "strategy" if strategy else "eager"  # the eager loop
-        if self.decode == "eager" or (engine is not None and not engine.capturable):
+        if self.decode == "eager" or (self.engine is not None and not self.engine.capturable):
             return own
         if decoding.static_loop(strategy) is None:
             return "strategy"
@@ -315,13 +318,13 @@ class Captioner:
                 "neverfade_inputs", {k: v for k, v in inputs_and_kwargs.items() if isinstance(v, torch.Tensor)}
             )
         elif path in ("captured", "static") and inputs_and_kwargs.get("num_beams", 1) == 1:
-            strategy = self.engine.strategy if self.engine is not None else None
+            strategy, method = self._strategy()
             inputs_and_kwargs.setdefault("cache_implementation", "static")
             inputs_and_kwargs.setdefault(
                 "custom_generate",
                 decoding.custom_generate(
-                    decoding.static_loop(strategy[0] if strategy else None),
-                    strategy[1] if strategy else None,
+                    decoding.static_loop(strategy),
+                    method,
                     capture=path == "captured",
                     compile=self.compile,
                 ),

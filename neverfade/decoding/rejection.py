@@ -122,8 +122,8 @@ class RejectionLoop(DecodingLoop):
                 try:
                     return saliencies(self.live, candidates, self.rows, keys)
                 except RuntimeError as err:
-                    # the prompt's step backpropagates through SDPA too, which vmap may not batch; the decode steps'
-                    # rows it does, so only a decode step's failure turns batching off
+                    # the prompt's step backpropagates through other operations (every prompt key's) than the
+                    # decode steps' rows, so only a decode step's failure turns batching off
                     self.batched = self.seen == 0
                     logging.getLogger("neverfade").warning(
                         "sgrs: one backward per candidate %s, as vmap failed: %s",

@@ -157,8 +157,9 @@ def _combine_kernel(
     total = tl.sum(weight * l, axis=0)
     out = tl.zeros([G_PAD, D_PAD], tl.float32)
     for split in range(SPLITS):  # one chunk's (G, D) at a time: all S at once spill registers at batch 1
-        m_split = tl.load(m_ptr + (row * SPLITS + split) * G_PAD + g)
-        acc = tl.load(acc_ptr + ((row * SPLITS + split) * G_PAD + g)[:, None] * D_PAD + d[None, :])
+        chunk = (row * SPLITS + split) * G_PAD + g
+        m_split = tl.load(m_ptr + chunk)
+        acc = tl.load(acc_ptr + chunk[:, None] * D_PAD + d[None, :])
         out += tl.where(m_split == float("-inf"), 0.0, tl.exp(m_split - top))[:, None] * acc
     out = out / total[:, None]
     g_ok = g < GROUP

@@ -13,8 +13,8 @@ Each step: the top `k` candidates of the processed next-token distribution are t
 S(c) >= alpha * mean S over the last `window` accepted tokens is taken; if none passes, the candidate of highest
 saliency. The first token, with no history, is taken as generate would. The K saliencies come from one batched
 backward (vmap over the K cotangents), falling back to K backward passes where vmap cannot run. The loop is
-`decoding.rejection.RejectionLoop`; with decode="captured", `StaticRejectionLoop` replays each step's forward and
-saliency backward from CUDA graphs.
+`decoding.rejection.RejectionLoop`; on the captured decode path (decode="auto" on CUDA), `StaticRejectionLoop`
+replays each step's forward and saliency backward from CUDA graphs.
 """
 
 from __future__ import annotations
