@@ -89,7 +89,9 @@ class Captioner:
         self.probes: list[Method] = []  # extra observers (neverfade.analysis), see `watch`
         self.decode = decode
         self.processor_lock = threading.Lock()  # `prepare` may run on another thread (the caption runner's)
-        self.compile = False  # compile the static loop's decode step with torch.compile (see `generate`); opt-in
+        # compile the static loop's decode step with torch.compile (see `generate`): False (default), True or a mode
+        # of neverfade.decoding.captured.COMPILE_MODES ("default", "max-autotune")
+        self.compile: bool | str = False
         self.attention = attention
         if self.paper is not None and self.paper.pad_to_square:
             self.processor.image_processor = family.square_padding(self.processor.image_processor)
@@ -338,9 +340,11 @@ class Captioner:
 
     def check_compile(self, path: str | None = None, num_beams: int = 1) -> None:
         """With `compile`: refuse (CompileRefused, one line naming why) a run whose decode steps would not run the
-        compiled step: only the static loop's step is compiled (on CUDA inside the captured graph)."""
-        from neverfade.decoding.captured import CompileRefused
+        compiled step: only the static loop's step is compiled (on CUDA inside the captured graph). A mode not in
+        COMPILE_MODES is a ValueError."""
+        from neverfade.decoding.captured import CompileRefused, compile_mode
 
+        compile_mode(self.compile)
         path = path or self.decode_path()
         why = None
         if self.engine is not None and self.engine.strategy:

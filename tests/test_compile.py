@@ -85,6 +85,40 @@ def test_the_compiled_step_runs_the_fused_kernel_as_one_operator(tiny_models):
     assert (c.engine.batch.state(c.methods[0]).count > 0).any()
 
 
+def test_max_autotune_compiles_its_own_step_with_the_uncompiled_tokens(tiny_models, capsys):
+    """compile="max-autotune" (--compile-mode): inductor's tuned GEMMs and kernels, a variant of its own beside the
+    default mode's, and the tokens of the uncompiled static loop."""
+    from torch._dynamo.utils import counters
+
+    c = neverfade.load(tiny_models["llava"], device="cpu", methods=SETTINGS[1][0], method_params=SETTINGS[1][1])
+    inputs = c.inputs(make_images())
+    c.decode = "static"
+    static = _tokens(c, inputs)
+    c.compile = "max-autotune"
+    graphs = counters["stats"]["unique_graphs"]
+    tuned = _tokens(c, inputs)
+    loop = c.model._neverfade_last_loop
+    assert loop.compile == "max-autotune" and loop.forward_step is c.model._neverfade_compiled_forwards["max-autotune"]
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert torch.equal(tuned, static)
+    c.compile = "fastest"
+    with pytest.raises(ValueError, match="compile mode 'fastest'"):
+        _tokens(c, inputs)
+
+
+def test_compile_mode_implies_compile_on_the_command_line():
+    from neverfade.cli import build_parser
+    from neverfade.commands.options import compile_choice
+
+    parser = build_parser()
+    choices = (([], False), (["--compile"], "default"), (["--compile-mode", "max-autotune"], "max-autotune"))
+    for given, expected in choices:
+        for command in (["caption", "x.jpg"], ["bench"]):
+            assert compile_choice(parser.parse_args([*command, *given])) == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--compile-mode", "fastest"])
+
+
 def test_what_cannot_be_compiled_is_refused_in_one_line(tiny_models):
     c = neverfade.load(tiny_models["llava"], device="cpu", methods=["sgrs"])
     c.compile = True
@@ -119,7 +153,7 @@ def test_bench_compiles_checks_against_eager_and_refuses_what_it_cannot(tiny_mod
     assert base["x_floor"] == pytest.approx(base["ms_per_token"] / base["floor_ms_per_token"], rel=1e-3, abs=1e-3)
     assert "sgrs's own decoding loop is not compiled" in rows["sgrs"]["error"]  # an error row, not an uncompiled one
     assert [(k["setting"], k["compiled"], k["reference"], k["same"]) for k in report["checks"]] == [
-        ("baseline", True, "eager", True)
+        ("baseline", "default", "eager", True)
     ]
     printed = capsys.readouterr().out
     assert "static+compiled" in printed and "compile s" in printed

@@ -8,6 +8,7 @@ import sys
 import time
 
 from neverfade.commands import bench_profile
+from neverfade.commands.options import add_compile_mode_option
 
 DEFAULT_METHODS = ["sparc", "naive", "locore", "sgrs"]
 STOCK = "stock generate"
@@ -92,6 +93,7 @@ def add_parser(sub) -> None:
         "loading from the inductor cache). A setting it cannot compile is an error row, never an uncompiled one "
         "(stock generate is not compiled)",
     )
+    add_compile_mode_option(p)
     p.add_argument(
         "--profile",
         action="store_true",
@@ -108,9 +110,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from neverfade.commands.options import check_device, method_settings, params_setting
+    from neverfade.commands.options import check_device, compile_choice, method_settings, params_setting
     from neverfade.errors import UserError
     from neverfade.eval.report import write_json
+
+    args.compile = compile_choice(args)  # False or the mode
 
     if args.new_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1 or args.profile_tokens < 2:
         raise UserError("--new-tokens and --profile-tokens must be >= 2, --repeats >= 1 and batch sizes >= 1")
@@ -174,7 +178,7 @@ def run(args) -> int:
     for c in report["checks"]:
         print(
             f"check {c['model']} batch {c['batch_size']} {c['setting']}: {c['path']}"
-            + (" compiled " if c.get("compiled") else " ")
+            + (f" {bench_profile.compiled_label(c.get('compiled'))} " if c.get("compiled") else " ")
             + f"({c.get('attention', 'not run')}) vs {c.get('reference', 'not run')}: "
             + ("same tokens" if c["same"] else c.get("error") or f"first difference at token {c['first_difference']}")
         )
@@ -288,12 +292,12 @@ def _timed(captioner, inputs, new_tokens: int):
     return time.perf_counter() - start, out
 
 
-def _use(captioner, setting, decode: str, compile: bool = False):
+def _use(captioner, setting, decode: str, compile: str | bool = False):
     label, names, params, attention = setting
     captioner.attention = attention
     captioner.use(names, params)
     captioner.decode = "eager" if label == STOCK else decode
-    captioner.compile = compile and label != STOCK
+    captioner.compile = compile if label != STOCK else False
 
 
 def _key(setting) -> str:
@@ -528,7 +532,7 @@ def table(rows: list[dict]) -> str:
                 r["model"],
                 str(r["batch_size"]),
                 r["setting"],
-                r["path"] + ("+compiled" if r.get("compiled") else ""),
+                r["path"] + (f"+{bench_profile.compiled_label(r['compiled'])}" if r.get("compiled") else ""),
                 r["attention"],
                 f"{r['ms_per_token']:.2f}",
                 f"{r['tokens_per_s']:.1f}",

@@ -78,6 +78,11 @@ def beside(profile: dict, baseline: dict) -> dict:
     }
 
 
+def compiled_label(mode: str | bool) -> str:
+    """A compiled row's path suffix: "compiled", with its mode when not the default."""
+    return "compiled" if mode in (True, "default") else f"compiled[{mode}]"
+
+
 def summary(entry: dict) -> str:
     """One setting's profile in a few lines (or its error)."""
     head = f"profile {entry['model']} batch {entry['batch_size']} {entry['setting']}"
@@ -85,7 +90,7 @@ def summary(entry: dict) -> str:
         return f"{head}: not profiled: {entry['error']}"
     p = entry["profile"]
     text = (
-        f"{head} ({p['path']}{'+compiled' if entry.get('compiled') else ''}, {p['unit']}): "
+        f"{head} ({p['path']}{'+' + compiled_label(entry['compiled']) if entry.get('compiled') else ''}, {p['unit']}): "
         f"{p['ms_per_step']:.3f} ms in {p['ops_per_step']:g} per step"
     )
     extra = entry.get("beside_baseline")

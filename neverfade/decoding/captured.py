@@ -47,13 +47,14 @@ LAYER_KINDS = ("full_attention", "sliding_attention")  # the layer types the loo
 
 
 class StaticLoop(DecodingLoop):
-    def __init__(self, capture: bool | None = None, check_every: int = 16, compile: bool = False, **loop):
+    def __init__(self, capture: bool | None = None, check_every: int = 16, compile: bool | str = False, **loop):
         """`capture`: replay the steps from a CUDA graph (default: on CUDA). `compile`: run the decode steps'
-        forward compiled by torch.compile (`compiled_forward`), before any capture."""
+        forward compiled by torch.compile (`compiled_forward`; True or a mode of `COMPILE_MODES`), before any
+        capture."""
         super().__init__(**loop)
         self.capture = capture
-        self.compile = compile
-        self.forward_step = compiled_forward(self.model) if compile else self.model
+        self.compile = compile_mode(compile)
+        self.forward_step = compiled_forward(self.model, self.compile) if self.compile else self.model
         self.compile_s = None  # with `compile`: seconds of the first decode step (compiling it, or finding it cached)
         self.check_every = check_every
         self.graph = self.static = None
@@ -246,22 +247,45 @@ def inductor_cache_dir() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
-def compiled_forward(model):
-    """The model's forward for decode steps, compiled by torch.compile once per model and kept on it: one graph,
-    static shapes (a graph break is an error, `CompileRefused`; a new batch size or method setting compiles a
-    variant; one beyond `RECOMPILE_LIMIT` is an error too, never a quiet eager forward). inductor emulates the eager
-    path's rounding of intermediate casts, for the same tokens. Called through the model, so its forward hooks (the
+COMPILE_MODES = {  # inductor's options per mode, beside emulate_precision_casts
+    "default": {},
+    # GEMMs chosen by timing inductor's templates against cuBLAS (at batch 1 a GEMV with its neighbours fused in)
+    # and tuned launch settings for the other kernels: minutes to compile, a faster step
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
+
+
+def compile_mode(compile: bool | str | None) -> str | None:
+    """`compile` as a mode of COMPILE_MODES: None when not compiled, True for "default"."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile mode {compile!r}: choose True, {', '.join(map(repr, COMPILE_MODES))}")
+    return compile
+
+
+def compiled_forward(model, mode: str = "default"):
+    """The model's forward for decode steps, compiled by torch.compile once per model and mode (COMPILE_MODES) and
+    kept on it: one graph, static shapes (a graph break is an error, `CompileRefused`; a new batch size or method
+    setting compiles a variant; one beyond `RECOMPILE_LIMIT` is an error too, never a quiet eager forward). inductor
+    emulates the eager path's rounding of intermediate casts; in bfloat16 its other summation orders can still turn
+    a near-tie (max-autotune's GEMV reductions more often). Called through the model, so its forward hooks (the
     engine's step counter) run eagerly around the compiled forward."""
-    compiled = getattr(model, "_neverfade_compiled_forward", None)
+    compiled = getattr(model, "_neverfade_compiled_forwards", None)
     if compiled is None:
+        compiled = model._neverfade_compiled_forwards = {}
+    if mode not in compiled:
         inductor_cache_dir()
         import torch._dynamo.config as dynamo
 
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         dynamo.fail_on_recompile_limit_hit = True
-        step = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
-        compiled = model._neverfade_compiled_forward = _Hooked(model, step)
-    return compiled
+        options = {"emulate_precision_casts": True, **COMPILE_MODES[mode]}
+        step = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
+        compiled[mode] = _Hooked(model, step)
+    return compiled[mode]
 
 
 _ALL_SDPA = (True, True, True, True)
