@@ -161,6 +161,10 @@ def test_bench_reports_ratios_state_and_checks(tiny_models, tmp_path, capsys):
         # every timed run is kept, the best is the row's; stock generate (a reference) is timed once
         assert len(r["runs_ms_per_token"]) == (1 if r["setting"] == "stock generate" else 2)
         assert r["ms_per_token"] == min(r["runs_ms_per_token"])
+        if r["setting"] != "stock generate":  # the static loop's stages: the later steps are 6 - 3 replayed ones
+            assert list(r["stages_s"]) == ["prefill", "first step", "second step", "later steps"]
+            assert r["replay_ms_per_token"] == pytest.approx(r["stages_s"]["later steps"] / 3 * 1000, abs=0.02)
+    assert "stages_s" not in rows["stock generate"]
     assert rows["sparc"]["path"] == "static" and rows["stock generate"]["path"] == "eager"
     c = neverfade.load(tiny_models["llava"], device="cpu")
     # the weight-read floor: the parameters' bytes (buffers left out) over the timed copy's bandwidth, per model

@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
         "bench",
         help="time decoding with each method against the baseline",
         description="Time decoding: ms per token, tokens per second and peak GPU memory for the baseline and each "
-        "method, at each batch size, with one image per prompt and a forced caption length. A method's "
+        "method, at each batch size, with one image per prompt and a forced caption length. ms per token is "
+        "a run's time after the prefill over its decode steps, the eager first step and the capture included "
+        "(the JSON's replay_ms_per_token leaves them out, and stages_s splits the run). A method's "
         "overhead is its ratio to the baseline timed in the same run (settings interleaved, best of "
         "--repeats). Stock transformers generate (dynamic cache, no neverfade) is timed alongside; it and "
         "methods with their own decoding loop (sgrs, vcd, opera, pai with cfg) are timed in one round.",
@@ -371,6 +373,7 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
 
     device = captioner.model.device
     path = captioner.decode_path()
+    stages = captioner.decode_stages()  # the static loop's: where the run's time went
     captioner.model._neverfade_last_loop = None
     ms = (total - prefill) / (new_tokens - 1) * 1000
     row = {
@@ -382,6 +385,10 @@ def _row(captioner, label, prefill, total, batch_size, new_tokens, out) -> dict:
     }
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if "later steps" in stages and new_tokens > 3:
+        row["stages_s"] = {k: round(v, 4) for k, v in stages.items()}
+        # the replayed steps alone, without the eager first step and the capture that every run does again
+        row["replay_ms_per_token"] = round(stages["later steps"] / (new_tokens - 3) * 1000, 3)
     state = state_floats_per_image_token(captioner)
     if state:
         row["state_floats_per_image_token"] = state
