@@ -81,7 +81,8 @@ def add_compile_mode_option(parser) -> None:
         help="how --compile compiles (given alone, it implies --compile): default (about 30 s per batch size and "
         "method setting for a 7B model on an H200), max-autotune (inductor times its own GEMM templates against "
         "cuBLAS and tunes its other kernels: about 90 s, cached likewise, for a faster step: 4.5 against 5.3 "
-        "ms/token for LLaVA-1.5-7B at batch 1)",
+        "ms/token for LLaVA-1.5-7B at batch 1 on the H200; its GEMMs sum in another order, so in bfloat16 its "
+        "tokens can part from the uncompiled step's)",
     )
 
 
